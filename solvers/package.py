@@ -1,0 +1,239 @@
+"""Pretrained packages in facebook/audiogen-medium's layout: resolve, read safely, check against a config, write.
+
+A package is a directory (or an HF hub repo) holding two files:
+
+- ``state_dict.bin``: ``{'xp.cfg': <YAML str>, 'best_state': <LM state dict>, 'version': str, 'exported': True}``
+- ``compression_state_dict.bin``: the codec, either ``{'xp.cfg': <YAML str>, 'best_state': <state dict>}`` or a
+  ``{'pretrained': <HF EnCodec id>}`` pointer (musicgen uses those; AudioGen's 16 kHz codec is always inline).
+
+Everything here loads with ``torch.load(weights_only=True)``: packages hold only tensors, strings and numbers.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import typing as tp
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+LM_FILE = 'state_dict.bin'
+COMPRESSION_FILE = 'compression_state_dict.bin'
+_HF_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
+
+# Keys that define the LM's parameters. A package and a config that disagree on any of them cannot share weights.
+ARCHITECTURE_KEYS = (
+    'sample_rate', 'channels',
+    'transformer_lm.dim', 'transformer_lm.num_heads', 'transformer_lm.num_layers', 'transformer_lm.hidden_scale',
+    'transformer_lm.n_q', 'transformer_lm.card', 'transformer_lm.activation', 'transformer_lm.norm_first',
+    'transformer_lm.bias_ff', 'transformer_lm.bias_attn', 'transformer_lm.bias_proj', 'transformer_lm.norm',
+    'transformer_lm.positional_embedding', 'transformer_lm.layer_scale', 'transformer_lm.kv_repeat',
+    'transformer_lm.qk_layer_norm', 'transformer_lm.qk_layer_norm_cross',
+    'codebooks_pattern.modeling', 'codebooks_pattern.delay.delays',
+    'conditioners.description.model',
+)
+# Sub-trees taken verbatim from the package: they name the exact conditioner, fuser and token pattern the weights
+# were trained with, so the config can't silently swap them.
+PACKAGE_SUBTREES = ('conditioners', 'fuser', 'codebooks_pattern')
+
+
+class PackageError(RuntimeError):
+    """A pretrained package is missing, unreadable or does not match the config."""
+
+
+def resolve(name_or_path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> str:
+    """Turn a user-given package reference into an absolute local dir or an HF hub id.
+
+    Args:
+        name_or_path: an HF id such as ``facebook/audiogen-medium`` or a directory (absolute, or relative to
+            ``base_dir``).
+        base_dir: where relative directories are looked up; defaults to the current directory.
+    Returns:
+        The absolute directory when it exists locally, else the HF id unchanged.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = Path(base_dir or os.getcwd()) / path
+    if path.is_dir():
+        missing = [f for f in (LM_FILE, COMPRESSION_FILE) if not (path / f).is_file()]
+        if missing:
+            raise PackageError(
+                f"Pretrained package {path} lacks {', '.join(missing)}. A package dir holds {LM_FILE} (xp.cfg + "
+                f"best_state) and {COMPRESSION_FILE}; build one with scripts/export.py or "
+                "scripts/make_tiny_package.py.")
+        return str(path.resolve())
+    if _HF_ID.match(text) and not text.startswith(('.', '/')):
+        return text
+    raise PackageError(
+        f"Pretrained package not found: '{text}' (looked for the directory {path}). Pass an HF id such as "
+        f"facebook/audiogen-medium or a directory containing {LM_FILE} and {COMPRESSION_FILE}.")
+
+
+def _fetch(package: str, filename: str) -> Path:
+    """Local path of one package file, downloading it through the HF cache for hub ids."""
+    local = Path(package)
+    if local.is_dir():
+        return local / filename
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import audiocraft
+    try:
+        return Path(hf_hub_download(repo_id=package, filename=filename,
+                                    cache_dir=os.environ.get('AUDIOCRAFT_CACHE_DIR'),
+                                    library_name='audiocraft', library_version=audiocraft.__version__))
+    except LocalEntryNotFoundError as err:
+        raise PackageError(
+            f"Cannot fetch {filename} of '{package}' from the Hugging Face hub: it is not in the local cache and "
+            f"the hub can't be reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). Download it once "
+            "on a machine with internet (the cache is ~/.cache/huggingface, or HF_HOME), or pass a local package "
+            "directory.") from err
+    except Exception as err:  # RepositoryNotFoundError, EntryNotFoundError, HTTP errors
+        raise PackageError(f"Cannot fetch {filename} of '{package}' from the Hugging Face hub: {err}") from err
+
+
+def load_file(package: str, filename: str) -> dict:
+    """Load one package file with ``weights_only=True``, memory-mapped when possible.
+
+    Args:
+        package: a resolved package (see :func:`resolve`).
+        filename: ``state_dict.bin`` or ``compression_state_dict.bin``.
+    """
+    path = _fetch(package, filename)
+    try:
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if 'mmap' not in str(err):
+                raise
+            # Files written with the legacy (non-zip) serializer can't be memory-mapped.
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        raise PackageError(
+            f"Cannot read {path}: {err}. Package files must be torch zip archives holding only tensors, strings "
+            "and numbers (they are loaded with weights_only=True); re-export the package with scripts/export.py."
+        ) from err
+
+
+def lm_config(package: str) -> DictConfig:
+    """The LM's training config (``xp.cfg``) stored in the package."""
+    pkg = load_file(package, LM_FILE)
+    if 'xp.cfg' not in pkg or 'best_state' not in pkg:
+        raise PackageError(f"{package}/{LM_FILE} must hold 'xp.cfg' and 'best_state'; it has {sorted(pkg)}.")
+    return OmegaConf.create(pkg['xp.cfg'])
+
+
+def lm_state(package: str) -> dict:
+    """The LM weights (``best_state``) stored in the package."""
+    return load_file(package, LM_FILE)['best_state']
+
+
+def load_compression_model(package: str, device: str | torch.device = 'cpu'):
+    """Build the package's codec in eval mode, frozen.
+
+    Args:
+        package: a resolved package.
+        device: where to put the codec.
+    """
+    from audiocraft.models import CompressionModel, builders
+
+    pkg = load_file(package, COMPRESSION_FILE)
+    if 'pretrained' in pkg:
+        model = CompressionModel.get_pretrained(pkg['pretrained'], device=device)
+    else:
+        cfg = OmegaConf.create(pkg['xp.cfg'])
+        cfg.device = str(device)
+        model = builders.get_compression_model(cfg)
+        model.load_state_dict(pkg['best_state'])
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+_ABSENT = object()
+
+
+def check_and_merge(cfg: DictConfig, package_cfg: DictConfig, package: str) -> None:
+    """Fail if ``cfg`` and the package disagree on the LM architecture, then adopt the package's sub-trees.
+
+    Keys that are absent or ``???`` in ``cfg`` are filled from the package, so a config may leave the architecture to
+    the package. Modifies ``cfg`` in place.
+
+    Raises:
+        PackageError: naming every mismatched key with both values.
+    """
+    mismatches = []
+    for key in ARCHITECTURE_KEYS:
+        theirs = OmegaConf.select(package_cfg, key, default=_ABSENT)
+        if theirs is _ABSENT or theirs is None:
+            continue
+        ours = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        if ours is _ABSENT:
+            OmegaConf.update(cfg, key, theirs, force_add=True)
+            continue
+        ours, theirs = (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for v in (ours, theirs))
+        if ours != theirs:
+            mismatches.append(f"  {key}: {ours!r} in the config, {theirs!r} in the package")
+    if mismatches:
+        raise PackageError(
+            f"The model config does not match the pretrained package '{package}':\n" + '\n'.join(mismatches) +
+            "\nPick the model preset that matches the package (model=audiogen_medium for facebook/audiogen-medium, "
+            "model=tiny for the demo package) or point `pretrained=` at the package you meant.")
+    for subtree in PACKAGE_SUBTREES:
+        if subtree in package_cfg:
+            OmegaConf.update(cfg, subtree, package_cfg[subtree], merge=False, force_add=True)
+
+
+def _atomic_save(obj: tp.Any, path: Path) -> None:
+    """torch.save to a temporary file, fsync it, then rename it into place and fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; packages are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write(out_dir: str | os.PathLike, lm_cfg: DictConfig | str, lm_state_dict: dict,
+          compression_cfg: DictConfig | str, compression_state_dict: dict) -> Path:
+    """Write a package that ``AudioGen.get_pretrained(out_dir)`` loads unchanged.
+
+    Args:
+        out_dir: destination directory (created).
+        lm_cfg: the LM's full config (stored as YAML in ``xp.cfg``).
+        lm_state_dict: LM weights, conditioner included.
+        compression_cfg: the codec's config.
+        compression_state_dict: the codec's weights.
+    Returns:
+        The package directory.
+    """
+    import audiocraft
+
+    out = Path(out_dir)
+
+    def as_yaml(cfg: DictConfig | str) -> str:
+        return cfg if isinstance(cfg, str) else OmegaConf.to_yaml(cfg)
+
+    def plain(state: dict) -> dict:
+        return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+    meta = {'version': audiocraft.__version__, 'exported': True}
+    _atomic_save({'xp.cfg': as_yaml(compression_cfg), 'best_state': plain(compression_state_dict), **meta},
+                 out / COMPRESSION_FILE)
+    _atomic_save({'xp.cfg': as_yaml(lm_cfg), 'best_state': plain(lm_state_dict), **meta}, out / LM_FILE)
+    return out

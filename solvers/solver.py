@@ -1,0 +1,282 @@
+"""The AudioGen fine-tuning solver: audiocraft's AudioGenSolver with hooks for fine-tuning on a modern stack.
+
+What it changes, hook by hook:
+- `build_model`: LM architecture and codec come from a pretrained package (HF id or local dir), checked against the
+  config; precision is bf16/fp16 autocast on CUDA (fp16 with a grad scaler) and fp32 on CPU.
+- `build_dataloaders` + `run_step`: gradient accumulation (N micro-batches per optimizer step, loss scaled by 1/N),
+  clipping, a non-finite guard that runs before the optimizer step, and per-update TensorBoard scalars
+  (ce, ppl, lr, grad_norm, tokens/s, memory).
+- `generate`: fixed prompts from the config, written as -14 LUFS WAVs (no ffmpeg) and logged to TensorBoard.
+- `state_dict` / `load_checkpoints` / `save_checkpoints`: checkpoints that `torch.load(weights_only=True)` reads,
+  and `checkpoint.keep_last` applied.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+import typing as tp
+
+import flashy
+import omegaconf
+import torch
+from audiocraft import models
+from audiocraft.modules.conditioners import ConditioningAttributes
+from audiocraft.solvers import builders
+from audiocraft.solvers.audiogen import AudioGenSolver
+from audiocraft.utils import checkpoint
+
+from . import audio_io, package, project
+from .checkpoints import omegaconf_safe_globals
+
+logger = logging.getLogger(__name__)
+
+
+class MicroBatches:
+    """Groups a loader's batches by ``n``: one item per optimizer step, holding its ``n`` micro-batches."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, n: int):
+        self.loader, self.n = loader, n
+        self.dataset, self.sampler = loader.dataset, loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader) // self.n
+
+    def __iter__(self) -> tp.Iterator[list]:
+        group: list = []
+        for batch in self.loader:
+            group.append(batch)
+            if len(group) == self.n:
+                yield group
+                group = []
+
+
+def _resolve_precision(cfg: omegaconf.DictConfig) -> None:
+    """fp32 on CPU; bf16 autocast where the GPU supports it, else fp16 (which brings a grad scaler)."""
+    if not cfg.autocast:
+        return
+    if not str(cfg.device).startswith('cuda'):
+        logger.info("Autocast disabled on %s: training in fp32.", cfg.device)
+        cfg.autocast = False
+    elif cfg.autocast_dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
+        logger.warning("This GPU has no bf16 support: using fp16 autocast with a grad scaler.")
+        cfg.autocast_dtype = 'float16'
+
+
+class AudioGenFinetuneSolver(AudioGenSolver):
+    """Fine-tunes a pretrained AudioGen package. See the module docstring for the hooks it overrides."""
+
+    def __init__(self, cfg: omegaconf.DictConfig):
+        _resolve_precision(cfg)
+        self._bad_steps = 0
+        super().__init__(cfg)
+
+    # ---------------------------------------------------------------- model
+    def build_model(self) -> None:
+        """Load the codec and LM architecture from the package, then build the LM, optimizer, schedule and scaler."""
+        self.package = package.resolve(self.cfg.pretrained, base_dir=project.resolve_path('.'))
+        package.check_and_merge(self.cfg, package.lm_config(self.package), self.cfg.pretrained)
+        self.compression_model = package.load_compression_model(self.package, self.device)
+        codec = self.compression_model
+        for key, ours, theirs in (('sample_rate', self.cfg.sample_rate, codec.sample_rate),
+                                  ('transformer_lm.card', self.cfg.transformer_lm.card, codec.cardinality),
+                                  ('transformer_lm.n_q', self.cfg.transformer_lm.n_q, codec.num_codebooks)):
+            if ours != theirs:
+                raise package.PackageError(
+                    f"{key}={ours} in the config but the codec of '{self.cfg.pretrained}' has {theirs}.")
+        self.logger.info("Codec: %d codebooks x %d bins at %d Hz frames, %d Hz audio.",
+                         codec.num_codebooks, codec.cardinality, codec.frame_rate, codec.sample_rate)
+        self.model: models.LMModel = models.builders.get_lm_model(self.cfg).to(self.device)
+        self.register_ema('model')
+        self.optimizer = builders.get_optimizer(builders.get_optim_parameter_groups(self.model), self.cfg.optim)
+        self.lr_scheduler = builders.get_lr_scheduler(self.optimizer, self.cfg.schedule, self.total_updates)
+        self.register_stateful('model', 'optimizer', 'lr_scheduler')
+        self.register_best_state('model')
+        self.autocast_dtype = {'float16': torch.float16, 'bfloat16': torch.bfloat16}[self.cfg.autocast_dtype]
+        self.scaler: torch.amp.GradScaler | None = None
+        if self.cfg.autocast and self.autocast_dtype is torch.float16:
+            self.scaler = torch.amp.GradScaler('cuda')
+            self.register_stateful('scaler')
+
+    def load_from_pretrained(self, name: str) -> dict:
+        """Initial weights for a new XP: the package's LM (``continue_from`` is unset)."""
+        return {'best_state': {'model': package.lm_state(self.package)}}
+
+    def initialize_ema(self) -> None:
+        """Build the EMA, and make its step a no-op after an update the non-finite guard skipped."""
+        super().initialize_ema()
+        if self.ema is not None:
+            ema_step = self.ema.step
+
+            def guarded_step() -> None:
+                if self._bad_steps == 0:
+                    ema_step()
+            self.ema.step = guarded_step  # type: ignore[method-assign]
+
+    # ---------------------------------------------------------------- data
+    def build_dataloaders(self) -> None:
+        """audiocraft's loaders, with the train loader grouped into micro-batches for accumulation."""
+        accum = self.cfg.optim.grad_accum_steps
+        if accum < 1:
+            raise ValueError(f"optim.grad_accum_steps must be >= 1, got {accum}.")
+        train = self.cfg.dataset.train
+        if train.num_samples is None and self.cfg.optim.updates_per_epoch:
+            # Sample exactly the segments an epoch consumes (random files and offsets), whatever the dataset size.
+            train.num_samples = (flashy.distrib.world_size() * self.cfg.dataset.batch_size * accum
+                                 * self.cfg.optim.updates_per_epoch)
+        super().build_dataloaders()
+        if 'train' in self.dataloaders:
+            self.dataloaders['train'] = MicroBatches(self.dataloaders['train'], accum)  # type: ignore[assignment]
+
+    # ---------------------------------------------------------------- step
+    def run_step(self, idx: int, batch: tp.Any, metrics: dict) -> dict:
+        """One optimizer step over ``grad_accum_steps`` micro-batches (train), or one valid batch."""
+        if not self.is_training:
+            return super().run_step(idx, batch, metrics)
+        begin = time.time()
+        n = len(batch)
+        ce_total = torch.zeros((), device=self.device)
+        ce_q_total: list[torch.Tensor] = []
+        tokens = 0
+        for micro in batch:
+            condition_tensors, audio_tokens, padding_mask = self._prepare_tokens_and_attributes(micro)
+            with self.autocast:
+                output = self.model.compute_predictions(audio_tokens, [], condition_tensors)  # type: ignore
+                mask = padding_mask & output.mask
+                ce, ce_per_codebook = self._compute_cross_entropy(output.logits, audio_tokens, mask)
+            # Equal-length segments give every micro-batch the same token count, so the mean of the N
+            # micro-batch means is the mean over one batch N times larger.
+            loss = ce / n
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            ce_total += ce.detach() / n
+            ce_q_total = [q / n + (ce_q_total[k] if ce_q_total else 0) for k, q in enumerate(ce_per_codebook)]
+            tokens += int(mask.sum())
+        flashy.distrib.sync_model(self.model)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.optim.max_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # The guard runs before the optimizer: a non-finite loss or gradient never reaches the weights,
+        # the optimizer moments, the EMA or the LR schedule.
+        if not (torch.isfinite(grad_norm) and torch.isfinite(ce_total)):
+            self._skip_step(idx, ce_total, grad_norm)
+            metrics['skipped'] = 1.
+        else:
+            self._bad_steps = 0
+            metrics['skipped'] = 0.
+            metrics['lr'] = self.optimizer.param_groups[0]['lr']
+            stepped = True
+            if self.scaler is None:
+                self.optimizer.step()
+            else:
+                scale = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                stepped = self.scaler.get_scale() >= scale  # the scaler lowers its scale when it skips a step
+                metrics['grad_scale'] = self.scaler.get_scale()
+            if stepped and self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+            metrics['grad_norm'] = grad_norm
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics['ce'] = ce_total
+        metrics['ppl'] = torch.exp(ce_total)
+        for k, ce_q in enumerate(ce_q_total):
+            metrics[f'ce_q{k + 1}'] = ce_q
+            metrics[f'ppl_q{k + 1}'] = torch.exp(ce_q)
+        metrics['tokens_per_s'] = tokens * flashy.distrib.world_size() / max(time.time() - begin, 1e-9)
+        metrics['mem_gb'] = _peak_memory_gb(self.device)
+        self._log_update(idx, metrics)
+        return metrics
+
+    def _skip_step(self, idx: int, ce: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self._bad_steps += 1
+        if self.scaler is not None:
+            self.scaler.update()  # an fp16 overflow: lower the scale and try again next step
+        self.logger.warning("Non-finite %s at epoch %d update %d: step skipped (%d in a row).",
+                            'loss' if not torch.isfinite(ce) else 'gradient', self.epoch, idx + 1, self._bad_steps)
+        if self._bad_steps >= self.cfg.optim.max_bad_steps:
+            raise RuntimeError(
+                f"Training diverged: {self._bad_steps} consecutive non-finite steps, the last at epoch {self.epoch} "
+                f"update {idx + 1}. The last good checkpoint is {self.checkpoint_path()}. Lower optim.lr or "
+                "optim.max_norm, or use autocast_dtype=bfloat16, then re-run the same command to resume from it.")
+
+    def _log_update(self, idx: int, metrics: dict) -> None:
+        """Per-update TensorBoard points, so curves show more than one value per epoch."""
+        tb = self.result_logger._experiment_loggers.get('tensorboard')  # flashy keeps its loggers in this dict
+        if tb is None or tb.writer is None or not flashy.distrib.is_rank_zero():
+            return
+        step = (self.epoch - 1) * self.train_updates_per_epoch + idx + 1
+        for key in ('ce', 'ppl', 'lr', 'grad_norm', 'tokens_per_s', 'mem_gb', 'skipped'):
+            if key in metrics:
+                value = metrics[key]
+                tb.writer.add_scalar(f'train_update/{key}', float(value), step)
+
+    # ---------------------------------------------------------------- samples
+    @torch.no_grad()
+    def generate(self) -> dict:
+        """Generate the configured prompts with the current (EMA/best) weights; write and log -14 LUFS WAVs."""
+        prompts = list(self.cfg.generate.prompts or [])
+        if not prompts:
+            return {}
+        self.model.eval()
+        begin = time.time()
+        sample_rate = self.compression_model.sample_rate
+        duration = float(self.cfg.generate.duration)
+        attributes = [ConditioningAttributes(text={'description': p}) for p in prompts]
+        with self.autocast:
+            tokens = self.model.generate(None, attributes, max_gen_len=math.ceil(duration * self.compression_model.frame_rate),
+                                         num_samples=len(prompts), **self.generation_params)
+        audio = self.compression_model.decode(tokens, None).float().cpu()
+        rtf = (time.time() - begin) / (duration * len(prompts))
+        metrics = {'rtf': rtf}
+        if not flashy.distrib.is_rank_zero():
+            return metrics
+        folder = self.folder / self.cfg.generate.path / f'epoch_{self.epoch:03d}'
+        lufs = []
+        tb = self.result_logger._experiment_loggers.get('tensorboard')
+        for i, (prompt, wav) in enumerate(zip(prompts, audio)):
+            wav = audio_io.normalize_loudness(wav, sample_rate, self.cfg.generate.loudness)
+            path = audio_io.write_audio(folder / f'{i:02d}_{audio_io.slugify(prompt, 40)}.wav', wav, sample_rate,
+                                        overwrite=True)
+            lufs.append(audio_io.loudness(wav, sample_rate))
+            if tb is not None:
+                tb.log_audio(f'{i:02d}_{audio_io.slugify(prompt, 40)}', 'samples', wav, sample_rate, self.epoch)
+            self.logger.info("Sample '%s' -> %s", prompt, path)
+        finite = [x for x in lufs if math.isfinite(x)]
+        if finite:
+            metrics['lufs'] = sum(finite) / len(finite)
+        return metrics
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """The solver state in types that weights_only loading accepts: the config as YAML, plain dicts."""
+        state = _plain_dicts(super().state_dict())
+        if isinstance(state.get('xp.cfg'), omegaconf.DictConfig):
+            state['xp.cfg'] = omegaconf.OmegaConf.to_yaml(state['xp.cfg'])
+        return state
+
+    def load_checkpoints(self, load_best: bool = False, ignore_state_keys: tp.List[str] = []) -> tp.Optional[dict]:
+        """audiocraft's loader under weights_only=True, also accepting checkpoints that pickled an OmegaConf config."""
+        with torch.serialization.safe_globals(omegaconf_safe_globals()):
+            return super().load_checkpoints(load_best, ignore_state_keys)
+
+    def save_checkpoints(self) -> None:
+        """Save as audiocraft does, then apply `checkpoint.keep_last`, which audiocraft never passes on."""
+        super().save_checkpoints()
+        if flashy.distrib.is_rank_zero():
+            checkpoint.flush_stale_checkpoints(self.checkpoint_path(), keep_last=self.cfg.checkpoint.keep_last)
+
+
+def _plain_dicts(obj: tp.Any) -> tp.Any:
+    """Copy nested dicts as plain dicts: the EMA keeps a defaultdict, which weights_only unpickling refuses."""
+    if isinstance(obj, dict):
+        return {key: _plain_dicts(value) for key, value in obj.items()}
+    return obj
+
+
+def _peak_memory_gb(device: str) -> float:
+    """Peak CUDA memory allocated on this process' GPU, or the process' peak RSS on CPU, in GB."""
+    if str(device).startswith('cuda') and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
