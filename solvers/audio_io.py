@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-FORMATS = {'wav': ('WAV', 'PCM_16'), 'flac': ('FLAC', 'PCM_16'), 'ogg': ('OGG', 'VORBIS'), 'mp3': ('MP3', 'MPEG_LAYER_III')}
+FORMATS = {'wav': ('WAV', 'PCM_16'), 'flac': ('FLAC', 'PCM_16'), 'ogg': ('OGG', 'VORBIS'),
+           'mp3': ('MP3', 'MPEG_LAYER_III')}
 SILENCE_LUFS = -70.0  # BS.1770 absolute gate: below it a clip has no measurable loudness
 
 

@@ -65,11 +65,16 @@ def resolve(name_or_path: str | os.PathLike, base_dir: str | os.PathLike | None 
                 f"best_state) and {COMPRESSION_FILE}; build one with scripts/export.py or "
                 "scripts/make_tiny_package.py.")
         return str(path.resolve())
-    if _HF_ID.match(text) and not text.startswith(('.', '/')):
+    if is_hub_id(text):
         return text
     raise PackageError(
         f"Pretrained package not found: '{text}' (looked for the directory {path}). Pass an HF id such as "
         f"facebook/audiogen-medium or a directory containing {LM_FILE} and {COMPRESSION_FILE}.")
+
+
+def is_hub_id(name: str) -> bool:
+    """True when ``name`` reads like a Hugging Face repo id (``owner/name``)."""
+    return bool(_HF_ID.match(name)) and not name.startswith(('.', '/'))
 
 
 def _fetch(package: str, filename: str) -> Path:
@@ -77,10 +82,9 @@ def _fetch(package: str, filename: str) -> Path:
     local = Path(package)
     if local.is_dir():
         return local / filename
+    import audiocraft
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
-
-    import audiocraft
     try:
         return Path(hf_hub_download(repo_id=package, filename=filename,
                                     cache_dir=os.environ.get('AUDIOCRAFT_CACHE_DIR'),

@@ -17,6 +17,7 @@ import math
 import resource
 import time
 import typing as tp
+from pathlib import Path
 
 import flashy
 import omegaconf
@@ -100,8 +101,13 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             self.register_stateful('scaler')
 
     def load_from_pretrained(self, name: str) -> dict:
-        """Initial weights for a new XP: the package's LM (``continue_from`` is unset)."""
-        return {'best_state': {'model': package.lm_state(self.package)}}
+        """Initial weights for a new XP: another XP's best state when ``name`` is a checkpoint, else a package's LM."""
+        if Path(name).is_file():
+            with torch.serialization.safe_globals(omegaconf_safe_globals()):
+                state = checkpoint.load_checkpoint(Path(name))
+            return {key: state[key] for key in ('best_state', 'fsdp_best_state') if key in state}
+        pkg = self.package if name == self.package else package.resolve(name, base_dir=project.resolve_path('.'))
+        return {'best_state': {'model': package.lm_state(pkg)}}
 
     def initialize_ema(self) -> None:
         """Build the EMA, and make its step a no-op after an update the non-finite guard skipped."""
@@ -224,9 +230,10 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         sample_rate = self.compression_model.sample_rate
         duration = float(self.cfg.generate.duration)
         attributes = [ConditioningAttributes(text={'description': p}) for p in prompts]
+        gen_len = math.ceil(duration * self.compression_model.frame_rate)
         with self.autocast:
-            tokens = self.model.generate(None, attributes, max_gen_len=math.ceil(duration * self.compression_model.frame_rate),
-                                         num_samples=len(prompts), **self.generation_params)
+            tokens = self.model.generate(None, attributes, max_gen_len=gen_len, num_samples=len(prompts),
+                                         **self.generation_params)
         audio = self.compression_model.decode(tokens, None).float().cpu()
         rtf = (time.time() - begin) / (duration * len(prompts))
         metrics = {'rtf': rtf}
@@ -256,8 +263,19 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             state['xp.cfg'] = omegaconf.OmegaConf.to_yaml(state['xp.cfg'])
         return state
 
-    def load_checkpoints(self, load_best: bool = False, ignore_state_keys: tp.List[str] = []) -> tp.Optional[dict]:
-        """audiocraft's loader under weights_only=True, also accepting checkpoints that pickled an OmegaConf config."""
+    def load_checkpoints(self, load_best: bool = False,
+                         ignore_state_keys: list[str] = []) -> dict | None:  # noqa: B006 (audiocraft's signature)
+        """Resume this XP's checkpoint, else start from `continue_from`, else from the pretrained package.
+
+        Loading is audiocraft's, under weights_only=True, also accepting checkpoints that pickled an OmegaConf config.
+        """
+        if not self.checkpoint_path(use_fsdp=False).exists():
+            # audiocraft resolves other continue_from values through `audiocraft.train`, which can't be imported
+            # here; route every source through load_from_pretrained instead.
+            source = self.cfg.continue_from or self.package
+            if not str(source).startswith('//pretrained/'):
+                self.logger.info("New XP: initialising the LM from %s", source)
+                self.cfg.continue_from = f'//pretrained/{_continue_source(source, self.package)}'
         with torch.serialization.safe_globals(omegaconf_safe_globals()):
             return super().load_checkpoints(load_best, ignore_state_keys)
 
@@ -266,6 +284,26 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         super().save_checkpoints()
         if flashy.distrib.is_rank_zero():
             checkpoint.flush_stale_checkpoints(self.checkpoint_path(), keep_last=self.cfg.checkpoint.keep_last)
+
+
+def _continue_source(value: str, pretrained: str) -> str:
+    """Resolve ``continue_from`` (//sig/<sig>, an XP folder, a checkpoint or a package) for load_from_pretrained."""
+    if value == pretrained:
+        return value
+    text = str(value)
+    if text.startswith('//sig/'):
+        path = project.outputs_dir() / 'xps' / text[len('//sig/'):]
+    else:
+        path = project.resolve_path(text)
+    if path.is_dir() and (path / 'checkpoint.th').is_file():
+        return str(path / 'checkpoint.th')
+    if path.is_file():
+        return str(path)
+    if path.is_dir() or package.is_hub_id(text):
+        return text  # another pretrained package
+    raise FileNotFoundError(
+        f"continue_from={text}: no checkpoint at {path}. Use //sig/<signature> of a past XP, an XP folder, a "
+        "checkpoint file or a pretrained package.")
 
 
 def _plain_dicts(obj: tp.Any) -> tp.Any:
