@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny pretrained package, a tiny prepared dataset, and `dora run` as a subprocess.
+
+Everything is built offline in temporary folders; XP folders go to a temporary AUDIOGEN_OUTPUTS.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import typing as tp
+from pathlib import Path
+
+import pytest
+
+os.environ['HF_HUB_OFFLINE'] = '1'  # no test may reach the hub
+os.environ['TRANSFORMERS_OFFLINE'] = '1'
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(outputs: Path | None = None) -> dict[str, str]:
+    """Environment for CLI subprocesses: offline, quiet, XPs under ``outputs``."""
+    env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', PYTHONWARNINGS='ignore')
+    if outputs is not None:
+        env['AUDIOGEN_OUTPUTS'] = str(outputs)
+    return env
+
+
+def run_dora(args: tp.Sequence[str], outputs: Path, check: bool = True, timeout: float = 600,
+             command: str = 'run') -> subprocess.CompletedProcess:
+    """`python -m dora <command> <args>` from the project root, as a user would run it."""
+    proc = subprocess.run([sys.executable, '-m', 'dora', command, *args], cwd=ROOT, env=subprocess_env(outputs),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dora {command} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope='session')
+def tiny_package(tmp_path_factory) -> Path:
+    """A tiny random package in facebook/audiogen-medium's layout."""
+    from solvers.tiny import build_tiny_package
+    return build_tiny_package(tmp_path_factory.mktemp('pretrained') / 'tiny', seed=0)
+
+
+@pytest.fixture(scope='session')
+def tiny_dataset(tmp_path_factory) -> dict[str, Path]:
+    """The demo sounds (3 per class), prepared by scripts/prepare_dataset.py into temporary egs/ and config/."""
+    from solvers.demo_data import make_demo_dataset
+    base = tmp_path_factory.mktemp('dataset')
+    make_demo_dataset(base / 'raw', seed=0, per_class=3)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'scripts.prepare_dataset', str(base / 'raw'), '--name', 'tiny', '--out', str(base / 'prep'),
+         '--egs-root', str(base / 'egs'), '--config-root', str(base / 'config'), '--workers', '1', '--no-progress',
+         '--valid-fraction', '0.25'],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {'train': base / 'egs' / 'tiny' / 'train', 'valid': base / 'egs' / 'tiny' / 'valid', 'root': base}
+
+
+@pytest.fixture(scope='session')
+def demo_overrides(tiny_package, tiny_dataset) -> list[str]:
+    """Overrides that point the demo solver at the session's package and dataset, with a very short schedule."""
+    return ['solver=audiogen/demo', f'pretrained={tiny_package}', f"datasource.train={tiny_dataset['train']}",
+            f"datasource.valid={tiny_dataset['valid']}", 'optim.epochs=2', 'optim.updates_per_epoch=4',
+            'dataset.batch_size=4', 'generate.duration=1.0', 'dataset.valid.num_samples=8']
+
+
+@pytest.fixture(scope='session')
+def trained_xp(tmp_path_factory, demo_overrides) -> dict[str, tp.Any]:
+    """One demo fine-tune through `dora run`, shared by the tests that inspect its outputs."""
+    outputs = tmp_path_factory.mktemp('outputs')
+    proc = run_dora(demo_overrides, outputs)
+    folders = list((outputs / 'xps').iterdir())
+    assert len(folders) == 1
+    return {'folder': folders[0], 'outputs': outputs, 'overrides': demo_overrides, 'log': proc.stderr + proc.stdout}
+
+
+@pytest.fixture()
+def in_xp(tmp_path, monkeypatch):
+    """Build a solver in-process for ``overrides``, inside its Dora XP (for unit tests on tiny models)."""
+    monkeypatch.setenv('AUDIOGEN_OUTPUTS', str(tmp_path / 'outputs'))
+    from solvers import train
+
+    built = []
+
+    def build(overrides: tp.Sequence[str]):
+        train.main.dora.dir = tmp_path / 'outputs'
+        xp = train.main.get_xp(list(overrides))
+        ctx = xp.enter()
+        ctx.__enter__()
+        try:
+            solver = train.get_solver(xp.cfg)
+        except BaseException:
+            ctx.__exit__(None, None, None)
+            raise
+        built.append(ctx)
+        return solver
+
+    yield build
+    for ctx in built:
+        ctx.__exit__(None, None, None)
