@@ -169,3 +169,15 @@ def test_samples_are_minus_14_lufs(in_xp, demo_overrides):
         wav, sr = soundfile.read(path, dtype='float32')
         assert sr == 16000 and abs(len(wav) / sr - solver.cfg.generate.duration) < 0.05
         assert abs(audio_io.loudness(torch.from_numpy(wav), sr) + 14.0) <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_mixed_precision_step_on_cuda(in_xp, demo_overrides, dtype):
+    solver = in_xp(demo_overrides + ['device=cuda', 'autocast=true', f'autocast_dtype={dtype}'])
+    solver.restore()
+    assert solver.cfg.autocast and (solver.scaler is not None) == (solver.cfg.autocast_dtype == 'float16')
+    with stage(solver, 'train'):
+        metrics = solver.run_step(0, [one_batch(solver, 4)], {})
+    assert math.isfinite(float(metrics['ce'])) and metrics['mem_gb'] > 0
