@@ -1,0 +1,75 @@
+"""Prepare a captioned sound folder for AudioGen fine-tuning (manifests, 16 kHz WAVs, dataset preset, report)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from solvers.dataprep import DatasetError, PrepareConfig, format_summary, prepare
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface; one flag per :class:`solvers.dataprep.PrepareConfig` field."""
+    parser = argparse.ArgumentParser(
+        prog="prepare_dataset",
+        description="Check, convert (16 kHz mono PCM16), split and index a folder of captioned sounds for AudioGen "
+        "fine-tuning. Layouts: audio/ + metadata/ with matching paths; a JSON beside each audio file; or a "
+        "captions CSV/JSONL with path and caption columns. Caption keys: description, text or caption.",
+        epilog="Example: prepare_dataset ~/sounds --name mysounds && dora run solver=audiogen/train dataset=mysounds")
+    parser.add_argument("dataset_dir", type=Path, help="folder with your audio and captions (never modified)")
+    parser.add_argument("--name", required=True, help="dataset name: egs/NAME/, config/dataset/NAME.yaml, data/NAME/")
+    parser.add_argument("--valid-fraction", type=float, default=0.1,
+                        help="share of source files in the valid split (default: 0.1)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="worker processes (default: CPU count, at most 8)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the prepared WAVs, state and report (default: <project>/data/NAME)")
+    parser.add_argument("--egs-root", type=Path, default=None,
+                        help="root of the manifests (default: <project>/egs)")
+    parser.add_argument("--config-root", type=Path, default=None,
+                        help="folder of the dataset config group (default: <project>/config/dataset)")
+    parser.add_argument("--captions", type=Path, default=None,
+                        help="captions CSV/JSONL (default: top-level *.csv / *.jsonl files of DATASET_DIR)")
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="reject clips shorter than this (default: 1)")
+    parser.add_argument("--max-seconds", type=float, default=30.0,
+                        help="split clips longer than this into equal chunks (default: 30)")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 if any file is rejected")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing preset that differs")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the dataset preparation from the command line.
+
+    Args:
+        argv: Arguments without the program name (defaults to ``sys.argv[1:]``).
+
+    Returns:
+        0 on success; 1 if nothing usable remains or, with --strict, if a file was rejected; 2 on bad arguments.
+    """
+    args = build_parser().parse_args(argv)
+    cfg = PrepareConfig(
+        dataset_dir=args.dataset_dir, name=args.name, out_dir=args.out, egs_root=args.egs_root,
+        config_root=args.config_root, captions=args.captions, valid_fraction=args.valid_fraction,
+        workers=args.workers, min_seconds=args.min_seconds, max_seconds=args.max_seconds, strict=args.strict,
+        force=args.force, progress=not args.no_progress)
+    try:
+        result = prepare(cfg)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(result.report))
+    if result.exit_code:
+        t = result.report["totals"]
+        why = ("no usable file remains" if not t["kept_files"]
+               else f"--strict and {t['rejected_files']} file(s) were rejected")
+        print(f"error: {why}; see {Path(result.report['out_dir']) / 'report.txt'}", file=sys.stderr)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
