@@ -1,0 +1,273 @@
+"""The local SLURM (scripts/slurm_local.sh) runs submitit jobs and requeues them; `solvers/slurm.py` maps presets.
+
+The `slurm`-marked tests submit real jobs to partition `local` and skip, with the reason shown by `pytest -ra`, when no
+such SLURM answers; set AUDIOGEN_REQUIRE_SLURM=1 (CI does) to make them fail instead. The mapping tests need no SLURM.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import submitit
+from dora.conf import SlurmConfig, update_from_hydra
+from dora.shep import Shepherd
+from omegaconf import OmegaConf
+
+from solvers.slurm import PRESET_DIR, SlurmConfigError, slurm_parameters, slurm_preset
+
+PARTITION = 'local'
+START_HINT = 'start it as root with `scripts/slurm_local.sh install && scripts/slurm_local.sh start`'
+# Jobs unpickle this module's functions and classes; it is imported by file path under pytest, not by a module name
+# the job's python could import, so send them by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _slurm_problem() -> str | None:
+    """Why the local SLURM can't take jobs now, or None when partition `local` has a usable node."""
+    if shutil.which('sinfo') is None:
+        return f'SLURM is not installed (no sinfo): {START_HINT}'
+    try:
+        proc = subprocess.run(['sinfo', '-h', '-p', PARTITION, '-o', '%T'], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return f'sinfo did not answer within 15 s: {START_HINT}'
+    if proc.returncode != 0:
+        return f'slurmctld does not answer ({proc.stderr.strip()[:200]}): {START_HINT}'
+    states = proc.stdout.split()
+    if not states:
+        return f'SLURM has no partition {PARTITION!r}: {START_HINT}'
+    if not {'idle', 'mixed', 'allocated', 'completing'} & set(states):
+        return f'partition {PARTITION!r} has no usable node (states: {", ".join(states)}): {START_HINT}'
+    return None
+
+
+@pytest.fixture(scope='session')
+def local_slurm() -> str:
+    """The partition of the local SLURM; skips (or fails with AUDIOGEN_REQUIRE_SLURM=1) when it is not up."""
+    problem = _slurm_problem()
+    if problem is not None:
+        if os.environ.get('AUDIOGEN_REQUIRE_SLURM') == '1':
+            pytest.fail(f'AUDIOGEN_REQUIRE_SLURM=1 but {problem}')
+        pytest.skip(problem)
+    return PARTITION
+
+
+def _executor(folder: Path, partition: str, **params: tp.Any) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(folder=folder, cluster='slurm')
+    executor.update_parameters(**{'slurm_partition': partition, 'nodes': 1, 'tasks_per_node': 1, 'cpus_per_task': 1,
+                                  'mem_gb': 1, 'timeout_min': 5, **params})
+    return executor
+
+
+def _wait(job: submitit.Job, timeout: float) -> tp.Any:
+    """The job's result, failing with its log instead of hanging when it doesn't finish in time."""
+    deadline = time.monotonic() + timeout
+    while not job.done():
+        if time.monotonic() > deadline:
+            job.cancel(check=False)
+            pytest.fail(f'job {job.job_id} not done after {timeout:.0f} s; its log:\n{(job.stdout() or "")[-3000:]}')
+        time.sleep(0.5)
+    return job.result()
+
+
+def _wait_for_file(path: Path, job: submitit.Job, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            job.cancel(check=False)
+            pytest.fail(f'job {job.job_id} did not start within {timeout:.0f} s (squeue state: {job.state})')
+        time.sleep(0.2)
+
+
+def _final_state(job: submitit.Job, timeout: float = 20) -> str:
+    """The job's state in sacct once it is final: slurmctld reports job ends to slurmdbd a moment after they happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = job.watcher.get_state(job.job_id, mode='force')
+        if job.watcher.is_done(job.job_id, mode='cache') or time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
+
+
+def _job_facts() -> dict[str, tp.Any]:
+    return {key: os.environ.get(f'SLURM_{key.upper()}') for key in
+            ('job_id', 'job_partition', 'cpus_per_task', 'mem_per_node', 'restart_count')} | {'uid': os.getuid()}
+
+
+class _Counter(submitit.helpers.Checkpointable):
+    """Counts up while it runs; on its first run it waits to be requeued, later runs return at once.
+
+    submitit pickles this object again when the job is preempted (USR2), so `progress` survives a checkpointed requeue;
+    a plain `scontrol requeue` kills the job and the rerun starts from the object as first submitted.
+    """
+
+    def __init__(self, started: str):
+        self.started = started
+        self.progress = 0
+
+    def __call__(self) -> tuple[int, int]:
+        restarts = int(os.environ.get('SLURM_RESTART_COUNT', '0'))
+        with open(self.started, 'a') as f:
+            f.write(f'{restarts}\n')
+        while restarts == 0 and self.progress < 1200:  # about 2 min: the test requeues it long before
+            self.progress += 1
+            time.sleep(0.1)
+        return restarts, self.progress
+
+
+# ---- on the local SLURM ----
+
+@pytest.mark.slurm
+def test_submitit_job_runs_and_returns(local_slurm, tmp_path):
+    job = _executor(tmp_path, local_slurm).submit(_job_facts)
+    facts = _wait(job, timeout=60)
+    assert facts['job_id'] == job.job_id and facts['job_partition'] == local_slurm
+    assert facts['cpus_per_task'] == '1' and facts['mem_per_node'] == '1024' and facts['uid'] == os.getuid()
+    # sacct answers (slurmdbd), so submitit and dora see the real state of finished jobs.
+    assert _final_state(job) == 'COMPLETED'
+
+
+@pytest.mark.slurm
+def test_scontrol_requeue_reruns_the_job(local_slurm, tmp_path):
+    started = tmp_path / 'started.txt'
+    job = _executor(tmp_path, local_slurm).submit(_Counter(str(started)))
+    _wait_for_file(started, job)
+    subprocess.run(['scontrol', 'requeue', job.job_id], check=True, timeout=30)
+    restarts, progress = _wait(job, timeout=60)
+    assert restarts == 1 and progress == 0  # killed and rerun from the submitted object
+    assert started.read_text().split() == ['0', '1']
+    assert _final_state(job) == 'COMPLETED'
+
+
+@pytest.mark.slurm
+def test_preemption_signal_checkpoints_and_requeues(local_slurm, tmp_path):
+    """What a preemption does: SIGTERM, then USR2, on which submitit checkpoints the callable and requeues it."""
+    started = tmp_path / 'started.txt'
+    job = _executor(tmp_path, local_slurm).submit(_Counter(str(started)))
+    _wait_for_file(started, job)
+    time.sleep(1)  # let it make progress worth keeping
+    job._interrupt()
+    restarts, progress = _wait(job, timeout=60)
+    assert restarts == 1 and progress > 0  # the rerun continued from the checkpointed object
+    assert 'Requeued job' in (job.stdout() or '')
+
+
+@pytest.mark.slurm
+def test_dora_executor_from_local_preset_runs(local_slurm, tmp_path):
+    """The sbatch script Dora writes from slurm/local (its mem, cpus and gres mapping) is one SLURM accepts."""
+    slurm = SlurmConfig()
+    update_from_hydra(slurm, OmegaConf.create(slurm_preset('local', cpus=1, mem_gb=1)))
+    executor = Shepherd._get_submitit_executor(tp.cast(Shepherd, None), 'audiogen_test', tmp_path, slurm)
+    job = executor.submit(_job_facts)
+    facts = _wait(job, timeout=60)
+    assert facts['job_partition'] == local_slurm and facts['cpus_per_task'] == '1' and facts['mem_per_node'] == '1024'
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_time_limit_signal_requeues_before_the_kill(local_slurm, tmp_path):
+    """SLURM sends USR2 `signal_delay_s` before the time limit (up to ~30 s late); submitit checkpoints and requeues."""
+    started = tmp_path / 'started.txt'
+    job = _executor(tmp_path, local_slurm, timeout_min=1, slurm_signal_delay_s=50).submit(_Counter(str(started)))
+    restarts, progress = _wait(job, timeout=150)
+    assert restarts == 1 and progress > 0
+    assert 'timed-out' in (job.stdout() or '')
+
+
+# ---- mapping presets to Dora's SlurmConfig (no SLURM needed) ----
+
+def _slurm(**values: tp.Any) -> dict[str, tp.Any]:
+    base = OmegaConf.load(PRESET_DIR / 'local.yaml')
+    for key, value in values.items():
+        base[key] = value
+    out = OmegaConf.to_container(slurm_parameters(base))
+    assert isinstance(out, dict)
+    return out
+
+
+def _sbatch(params: dict[str, tp.Any], tmp_path: Path) -> str:
+    """The sbatch script Dora's Shepherd would submit for these parameters."""
+    slurm = SlurmConfig()
+    update_from_hydra(slurm, OmegaConf.create(params))
+    executor = Shepherd._get_submitit_executor(tp.cast(Shepherd, None), 'xp', tmp_path, slurm)
+    return executor._make_submission_file_text('python job.py', 'uid')
+
+
+def test_cpu_only_job_maps_mem_gb_and_cpus(tmp_path):
+    params = _slurm(mem_gb=3, cpus=2)
+    assert 'mem_gb' not in params and 'cpus' not in params
+    assert (params['gpus'], params['mem_per_gpu'], params['cpus_per_gpu']) == (0, 3, 2)
+    script = _sbatch(params, tmp_path)
+    assert '--mem=3GB' in script and '--cpus-per-task=2' in script and '--ntasks-per-node=1' in script
+    assert '--partition=local' in script and 'gres' not in script
+    assert '--constraint' not in script and '--exclude' not in script  # null/empty means no flag
+
+
+def test_gpu_job_scales_memory_per_gpu(tmp_path):
+    params = slurm_preset('cluster', partition='gpu', gpus=2, mem_per_gpu=64.0)
+    assert (params['mem_per_gpu'], params['cpus_per_gpu']) == (64, 8)
+    script = _sbatch(params, tmp_path)
+    assert '--gres=gpu:2' in script and '--mem=128GB' in script and '--ntasks-per-node=2' in script
+    assert '--cpus-per-task=8' in script and '--time=1440' in script and 'source .venv/bin/activate' in script
+
+
+def test_every_preset_maps_to_dora_keys():
+    for preset in sorted(PRESET_DIR.glob('*.yaml')):
+        params = slurm_preset(preset.stem, partition='p')
+        update_from_hydra(SlurmConfig(), OmegaConf.create(params))  # raises on a key Dora doesn't know
+
+
+def test_mapping_keeps_the_key_set_dora_compares():
+    """Dora compares each XP's config with the mapped base key by key: mapping may drop keys, never add one."""
+    presets = {path.stem: OmegaConf.load(path) for path in PRESET_DIR.glob('*.yaml')}
+    local = presets['local']
+    assert set(slurm_parameters(local).keys()) == set(local.keys()) - {'mem_gb', 'cpus'}
+    for name, preset in presets.items():  # one key set, so `slurm.<key>=` overrides work with every preset
+        assert set(preset.keys()) == set(local.keys()), name
+
+
+@pytest.mark.parametrize('values, message', [
+    ({'partition': '???'}, 'slurm.partition: is not set'),
+    ({'partition': ''}, 'slurm.partition'),
+    ({'gpus': -1}, 'slurm.gpus'),
+    ({'gpus': 12, 'mem_gb': None, 'cpus': None}, 'multiple of 8'),
+    ({'gpus': True}, 'slurm.gpus'),
+    ({'mem_gb': 2.5}, 'whole number of GB'),
+    ({'mem_gb': 0}, 'slurm.mem_gb'),
+    ({'cpus': 0}, 'slurm.cpus'),
+    ({'mem_per_gpu': 8}, 'set slurm.mem_gb for a CPU-only job'),
+    ({'gpus': 1, 'mem_per_gpu': 8}, 'slurm.mem_gb: is 4 but applies to CPU-only jobs'),
+    ({'time': 0}, 'slurm.time'),
+    ({'setup': 'module load cuda'}, 'list of shell lines'),
+    ({'constraint': 3}, 'slurm.constraint'),
+    ({'gpu': 1}, 'unknown key(s) gpu'),
+])
+def test_nonsense_values_get_clear_errors(values, message):
+    with pytest.raises(SlurmConfigError) as info:
+        _slurm(**values)
+    assert message in str(info.value)
+
+
+def test_a_preset_without_per_gpu_keys_is_refused():
+    with pytest.raises(SlurmConfigError, match='slurm.mem_per_gpu: is missing'):
+        slurm_parameters(OmegaConf.create({'partition': 'p', 'gpus': 0, 'mem_gb': 2, 'cpus_per_gpu': None}))
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(SlurmConfigError, match='presets: cluster, local'):
+        slurm_preset('nope')
+
+
+def test_slurm_keys_leave_the_signature_alone(tmp_path):
+    from solvers import train
+    train.main.dora.dir = tmp_path
+    base = ['solver=audiogen/demo']
+    sig = train.main.get_xp(base).sig
+    for override in ['slurm.mem_gb=8', 'slurm.cpus=1', 'slurm.time=5', 'slurm.partition=other', 'slurm.gpus=1']:
+        assert train.main.get_xp(base + [override]).sig == sig, override
