@@ -1,14 +1,30 @@
-"""Safe checkpoint loading: `torch.load(weights_only=True)` plus the few OmegaConf types old checkpoints pickle.
+"""Checkpoints that never lose work: atomic writes, safe loading, retention, RNG state for exact resume.
 
-audiocraft/flashy store the Hydra config object in every checkpoint ('xp.cfg'); torch >= 2.6 loads with
-weights_only=True by default and rejects it. We store YAML instead (see the solver's `state_dict`) and, to read
-checkpoints written by stock audiocraft, allow exactly the OmegaConf container and node classes: plain data
-holders whose unpickling runs no user code.
+- Writes go to a temporary file that is fsync'ed, renamed over the target, and the directory fsync'ed: a crash at any
+  point leaves the previous checkpoint intact (flashy renames but never fsyncs).
+- Loading is `torch.load(weights_only=True)`: tensors, numbers, strings and containers only. audiocraft/flashy
+  checkpoints also pickle the Hydra config object; we store it as YAML, and to read checkpoints written by stock
+  audiocraft we allow exactly OmegaConf's container and node classes, plain data holders whose unpickling runs no
+  user code. Anything else (a pickled object with a `__reduce__` payload) is refused before any of it runs.
 """
 from __future__ import annotations
 
 import collections
+import os
+import pickle
+import random
+import tempfile
 import typing as tp
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TMP_SUFFIX = '.tmp'
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable, unsafe or incomplete."""
 
 
 def omegaconf_safe_globals() -> list:
@@ -20,3 +36,129 @@ def omegaconf_safe_globals() -> list:
         if hasattr(nodes, name)]
     return [DictConfig, ListConfig, base.ContainerMetadata, base.Metadata, *node_types,
             tp.Any, dict, list, int, float, str, bool, collections.defaultdict]
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a directory entry (a rename or an unlink) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(state: tp.Any, path: Path) -> None:
+    """torch.save to ``<path>.<random>.tmp``, fsync, rename over ``path``, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'{path.name}.', suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove(path: Path) -> None:
+    """Delete a file durably (no-op when absent)."""
+    if path.exists():
+        path.unlink()
+        fsync_dir(path.parent)
+
+
+def clean_stale_tmp(folder: Path) -> list[Path]:
+    """Remove temporary files left by a crash during a save (ours and flashy's ``.tmp`` files)."""
+    stale = [p for p in folder.glob('checkpoint*') if p.name.endswith(TMP_SUFFIX) or p.name.endswith('.tmp.done')]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def safe_load(path: Path) -> dict:
+    """Load a checkpoint with ``weights_only=True``; raise CheckpointError naming the file on any problem."""
+    try:
+        with torch.serialization.safe_globals(omegaconf_safe_globals()):
+            state = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = _unsafe_globals(path)
+        raise CheckpointError(
+            f"Refusing to load {path}: it holds pickled Python objects ({', '.join(unsafe) or err}) that could run "
+            "code when loaded, and nothing in it was executed. Checkpoints written by this project hold only tensors "
+            "and plain data; if you trust the file, convert it once in a separate script and re-save it.") from err
+    except Exception as err:  # truncated zip, bad magic number, I/O errors
+        raise CheckpointError(f"Checkpoint {path} is unreadable (truncated or corrupt?): {err}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"Checkpoint {path} holds a {type(state).__name__}, not a solver state dict.")
+    return state
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        allowed = {f'{g.__module__}.{g.__qualname__}' for g in omegaconf_safe_globals() if hasattr(g, '__qualname__')}
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+    except Exception:
+        return []
+
+
+class RNGState:
+    """The process' random generators (Python, NumPy, torch CPU and CUDA), plus named private ``torch.Generator``s
+    (audiocraft's classifier-free-guidance and attribute dropouts draw from their own), as a state source.
+
+    Args:
+        generators: returns the private generators by name; their states are saved and restored too.
+    """
+
+    def __init__(self, generators: tp.Callable[[], dict[str, torch.Generator]] = dict):
+        self.generators = generators
+
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state()
+        state = {
+            'python': random.getstate(),
+            'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                      'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+            'torch': torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state['cuda'] = torch.cuda.get_rng_state_all()
+        state['generators'] = {name: gen.get_state() for name, gen in self.generators().items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state['python']
+        random.setstate((version, tuple(internal), gauss))
+        np_state = state['numpy']
+        np.random.set_state(('MT19937', np_state['keys'].numpy().astype(np.uint32), np_state['pos'],
+                             np_state['has_gauss'], np_state['cached_gaussian']))
+        torch.set_rng_state(state['torch'])
+        if 'cuda' in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state['cuda'])
+        generators = self.generators()
+        for name, gen_state in state.get('generators', {}).items():
+            generators[name].set_state(gen_state)
+
+
+class RunningMean:
+    """Per-key running means that can be checkpointed mid-epoch (flashy's averager is a closure)."""
+
+    def __init__(self, state: dict | None = None):
+        self.sums: dict[str, float] = dict(state['sums']) if state else {}
+        self.counts: dict[str, float] = dict(state['counts']) if state else {}
+
+    def update(self, metrics: dict) -> dict:
+        """Add one step's metrics and return the means so far."""
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.) + float(value)
+            self.counts[key] = self.counts.get(key, 0.) + 1.
+        return self.value
+
+    @property
+    def value(self) -> dict:
+        return {key: self.sums[key] / self.counts[key] for key in self.sums}
+
+    def state_dict(self) -> dict:
+        return {'sums': dict(self.sums), 'counts': dict(self.counts)}

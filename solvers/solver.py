@@ -27,8 +27,10 @@ from audiocraft.modules.conditioners import ConditioningAttributes
 from audiocraft.solvers import builders
 from audiocraft.solvers.audiogen import AudioGenSolver
 from audiocraft.utils import checkpoint
+from audiocraft.utils.utils import get_dataset_from_loader
 
 from . import audio_io, package, project
+from . import checkpoints as ckpt
 from .checkpoints import omegaconf_safe_globals
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,11 @@ class AudioGenFinetuneSolver(AudioGenSolver):
     def __init__(self, cfg: omegaconf.DictConfig):
         _resolve_precision(cfg)
         self._bad_steps = 0
+        self.rng = ckpt.RNGState(self._private_generators)
+        self._resume: dict | None = None  # mid-epoch position restored from a step checkpoint
         super().__init__(cfg)
+        # RNG states make resume exact: the next epoch sees the same data order and dropout draws.
+        self.register_stateful('rng')
 
     # ---------------------------------------------------------------- model
     def build_model(self) -> None:
@@ -120,6 +126,13 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                     ema_step()
             self.ema.step = guarded_step  # type: ignore[method-assign]
 
+    def _private_generators(self) -> dict[str, torch.Generator]:
+        """Generators owned by modules (audiocraft's dropout modules seed their own), by module name."""
+        if not hasattr(self, 'model'):
+            return {}
+        return {name: module.rng for name, module in self.model.named_modules()
+                if isinstance(getattr(module, 'rng', None), torch.Generator)}
+
     # ---------------------------------------------------------------- data
     def build_dataloaders(self) -> None:
         """audiocraft's loaders, with the train loader grouped into micro-batches for accumulation."""
@@ -134,6 +147,48 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         super().build_dataloaders()
         if 'train' in self.dataloaders:
             self.dataloaders['train'] = MicroBatches(self.dataloaders['train'], accum)  # type: ignore[assignment]
+
+    # ---------------------------------------------------------------- train loop
+    def train(self) -> dict:
+        """One epoch of updates, resumable mid-epoch from a step checkpoint (same data, same RNG draws, same means).
+
+        audiocraft's `common_train_valid` keeps its position and running means in locals; this loop keeps them in
+        state a step checkpoint can hold. Valid/evaluate still use audiocraft's loop.
+        """
+        loader = self.dataloaders['train']
+        get_dataset_from_loader(loader).current_epoch = self.epoch  # seeds segment sampling per epoch
+        if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
+            loader.sampler.set_epoch(self.epoch)
+        self.model.train()
+        resume, self._resume = self._resume, None
+        epoch_rng = resume['epoch_rng'] if resume else self.rng.state_dict()
+        if resume:
+            self.rng.load_state_dict(epoch_rng)  # the loader draws its order and worker seeds from it
+        start = resume['update'] if resume else 0
+        average = ckpt.RunningMean(resume['average'] if resume else None)
+        updates = self.train_updates_per_epoch
+        every = self.cfg.checkpoint.save_every_updates
+        lp = self.log_progress('train', loader, total=updates, updates=self.log_updates)
+        instant = ckpt.RunningMean()
+        with self.profiler, self.deadlock_detect:
+            for idx, batch in enumerate(lp):
+                if idx >= updates:
+                    break
+                if idx < start:
+                    continue  # already trained before the interruption: only the data is replayed
+                if resume and idx == start:
+                    self.rng.load_state_dict(resume['rng'])
+                    self._bad_steps = resume['bad_steps']
+                metrics = self.run_step(idx, batch, {})
+                if self.ema is not None and (idx + 1) % self.cfg.optim.ema.updates == 0:
+                    self.ema.step()
+                self.profiler.step()
+                if lp.update(**instant.update(metrics)):
+                    instant = ckpt.RunningMean()
+                average.update(metrics)
+                if every and (idx + 1) % every == 0 and idx + 1 < updates:
+                    self._save_step_checkpoint(idx + 1, epoch_rng, average)
+        return flashy.distrib.average_metrics(average.value, updates)
 
     # ---------------------------------------------------------------- step
     def run_step(self, idx: int, batch: tp.Any, metrics: dict) -> dict:
@@ -265,11 +320,23 @@ class AudioGenFinetuneSolver(AudioGenSolver):
 
     def load_checkpoints(self, load_best: bool = False,
                          ignore_state_keys: list[str] = []) -> dict | None:  # noqa: B006 (audiocraft's signature)
-        """Resume this XP's checkpoint, else start from `continue_from`, else from the pretrained package.
+        """Resume this XP, else start from `continue_from`, else from the pretrained package.
 
-        Loading is audiocraft's, under weights_only=True, also accepting checkpoints that pickled an OmegaConf config.
+        Resuming reads the newest loadable of the step, last and epoch checkpoints (a corrupt one is skipped with a
+        warning, never silently ignored), and fails if a part of the state is missing unless
+        `checkpoint.reset` names it.
         """
-        if not self.checkpoint_path(use_fsdp=False).exists():
+        folder = self.folder
+        stale = ckpt.clean_stale_tmp(folder) if flashy.distrib.is_rank_zero() else []
+        if stale:
+            self.logger.warning("Removed %d temporary file(s) left by an interrupted save: %s",
+                                len(stale), ', '.join(p.name for p in stale))
+        candidates = self._resume_candidates()
+        if candidates and not load_best:
+            state = self._load_resume_state(candidates)
+            self.load_state_dict(state)
+            return state
+        if not candidates:
             # audiocraft resolves other continue_from values through `audiocraft.train`, which can't be imported
             # here; route every source through load_from_pretrained instead.
             source = self.cfg.continue_from or self.package
@@ -279,11 +346,101 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         with torch.serialization.safe_globals(omegaconf_safe_globals()):
             return super().load_checkpoints(load_best, ignore_state_keys)
 
+    def _resume_candidates(self) -> list[Path]:
+        """Checkpoints of this XP, newest position first: step, last, then epoch checkpoints by epoch."""
+        folder = self.folder
+        epochs = sorted(folder.glob('checkpoint_[0-9]*.th'), key=lambda p: int(p.stem.split('_')[1]), reverse=True)
+        named = [folder / 'checkpoint_step.th', self.checkpoint_path(use_fsdp=False)]
+        return [p for p in named if p.exists()] + epochs
+
+    def _load_resume_state(self, candidates: list[Path]) -> dict:
+        errors = []
+        for path in candidates:
+            try:
+                state = ckpt.safe_load(path)
+            except ckpt.CheckpointError as err:
+                errors.append(str(err))
+                self.logger.warning("%s Trying an older checkpoint.", err)
+                continue
+            position = state.get('position') or {}
+            if path.name == 'checkpoint_step.th' and len(state['history']) < self._last_epoch_on_disk(candidates):
+                continue  # a step checkpoint older than the last epoch checkpoint
+            if errors:
+                self.logger.warning("Resuming from %s (epoch %d) instead of the unreadable checkpoint(s) above.",
+                                    path, len(state['history']) + 1)
+            self._check_complete(state, path)
+            for key in self.cfg.checkpoint.reset:
+                state.pop(key, None)
+            state.pop('position', None)
+            if position:
+                self._resume = position
+                self.logger.info("Resuming epoch %d at update %d from %s", len(state['history']) + 1,
+                                 position['update'], path)
+            else:
+                self.logger.info("Loading existing checkpoint: %s", path)
+            return state
+        raise ckpt.CheckpointError(
+            "No loadable checkpoint in " + str(self.folder) + ":\n  " + "\n  ".join(errors) +
+            "\nRestore a checkpoint from a backup, or move these files away to restart this XP from scratch.")
+
+    def _last_epoch_on_disk(self, candidates: list[Path]) -> int:
+        """Epochs completed according to the last/epoch checkpoints' history (0 when none is readable)."""
+        for path in candidates:
+            if path.name != 'checkpoint_step.th':
+                try:
+                    return len(ckpt.safe_load(path)['history'])
+                except ckpt.CheckpointError:
+                    continue
+        return 0
+
+    def _check_complete(self, state: dict, path: Path) -> None:
+        """Every stateful part must be in the checkpoint, unless `checkpoint.reset` restarts it on purpose."""
+        reset = set(self.cfg.checkpoint.reset)
+        unknown = reset - set(self.stateful.sources)
+        if unknown:
+            raise ValueError(f"checkpoint.reset names unknown parts {sorted(unknown)}; "
+                             f"choose among {sorted(self.stateful.sources)}.")
+        required = {name for name in self.stateful.sources if name not in ('xp.cfg', 'xp.sig', 'fsdp_best_state')}
+        if self.ema is None:
+            required.discard('ema')
+        missing = sorted(required - set(state) - reset)
+        if missing:
+            raise ckpt.CheckpointError(
+                f"Checkpoint {path} lacks {', '.join(missing)}: resuming would silently restart them. To restart "
+                f"them on purpose, add checkpoint.reset=[{','.join(missing)}] to the command.")
+
     def save_checkpoints(self) -> None:
-        """Save as audiocraft does, then apply `checkpoint.keep_last`, which audiocraft never passes on."""
-        super().save_checkpoints()
-        if flashy.distrib.is_rank_zero():
-            checkpoint.flush_stale_checkpoints(self.checkpoint_path(), keep_last=self.cfg.checkpoint.keep_last)
+        """Atomically write the last checkpoint, the best one on a new best, and epoch checkpoints every
+        `save_every` epochs, keeping exactly `keep_last` of those; then drop the step checkpoint of the epoch."""
+        if not flashy.distrib.is_rank_zero():
+            return
+        state = self.state_dict()
+        epoch = self.epoch - 1  # commit() already appended this epoch to the history
+        folder = self.folder
+        if self.cfg.checkpoint.save_every and epoch % self.cfg.checkpoint.save_every == 0:
+            ckpt.atomic_save(state, self.epoch_checkpoint_path(epoch))
+            keep = self.cfg.checkpoint.keep_last
+            if keep is not None and keep >= 0:
+                epochs = sorted(folder.glob('checkpoint_[0-9]*.th'), key=lambda p: int(p.stem.split('_')[1]))
+                for old in epochs[:max(0, len(epochs) - keep)]:
+                    ckpt.remove(old)
+        if self._new_best_state:
+            best = {key: state[key] for key in ('best_state', 'xp.cfg', 'xp.sig', 'history') if key in state}
+            ckpt.atomic_save(best, self.checkpoint_path_with_name('best'))
+        if self.cfg.checkpoint.save_last:
+            ckpt.atomic_save(state, self.checkpoint_path())
+        ckpt.remove(folder / 'checkpoint_step.th')
+        self.logger.info("Checkpoint saved to %s (epoch %d)", self.checkpoint_path(), epoch)
+
+    def _save_step_checkpoint(self, update: int, epoch_rng: dict, average: ckpt.RunningMean) -> None:
+        """A mid-epoch checkpoint: the full state plus where the epoch stands."""
+        if not flashy.distrib.is_rank_zero():
+            return
+        state = self.state_dict()
+        state['position'] = {'update': update, 'epoch_rng': epoch_rng, 'rng': state['rng'],
+                             'average': average.state_dict(), 'bad_steps': self._bad_steps}
+        ckpt.atomic_save(state, self.folder / 'checkpoint_step.th')
+        self.logger.info("Step checkpoint at epoch %d update %d", self.epoch, update)
 
 
 def _continue_source(value: str, pretrained: str) -> str:
