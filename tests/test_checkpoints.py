@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_dora, subprocess_env
+
 from solvers import checkpoints as ckpt
 
 TIMING_KEYS = {'duration', 'tokens_per_s', 'mem_gb', 'rtf'}

@@ -12,8 +12,8 @@ import time
 import pytest
 import soundfile
 import torch
-
 from conftest import ROOT, run_dora, subprocess_env
+
 from solvers import audio_io
 
 
