@@ -48,11 +48,10 @@ def tiny_dataset(tmp_path_factory) -> dict[str, Path]:
     from solvers.demo_data import make_demo_dataset
     base = tmp_path_factory.mktemp('dataset')
     make_demo_dataset(base / 'raw', seed=0, per_class=3)
-    proc = subprocess.run(
-        [sys.executable, '-m', 'scripts.prepare_dataset', str(base / 'raw'), '--name', 'tiny', '--out', str(base / 'prep'),
-         '--egs-root', str(base / 'egs'), '--config-root', str(base / 'config'), '--workers', '1', '--no-progress',
-         '--valid-fraction', '0.25'],
-        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    command = [sys.executable, '-m', 'scripts.prepare_dataset', str(base / 'raw'), '--name', 'tiny',
+               '--out', str(base / 'prep'), '--egs-root', str(base / 'egs'), '--config-root', str(base / 'config'),
+               '--workers', '1', '--no-progress', '--valid-fraction', '0.25']
+    proc = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {'train': base / 'egs' / 'tiny' / 'train', 'valid': base / 'egs' / 'tiny' / 'valid', 'root': base}
 
