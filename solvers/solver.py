@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import resource
+import signal
 import time
 import typing as tp
 from pathlib import Path
@@ -75,6 +76,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         self._bad_steps = 0
         self.rng = ckpt.RNGState(self._private_generators)
         self._resume: dict | None = None  # mid-epoch position restored from a step checkpoint
+        self._stop_signal: int | None = None  # a preemption/timeout signal waiting for the next update boundary
         super().__init__(cfg)
         # RNG states make resume exact: the next epoch sees the same data order and dropout draws.
         self.register_stateful('rng')
@@ -148,6 +150,40 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         if 'train' in self.dataloaders:
             self.dataloaders['train'] = MicroBatches(self.dataloaders['train'], accum)  # type: ignore[assignment]
 
+    # ---------------------------------------------------------------- preemption
+    def run(self) -> None:
+        """audiocraft's epoch loop, with SIGTERM/SIGUSR2 (SLURM preemption, `scontrol requeue`, submitit's
+        pre-timeout signal) turned into "checkpoint at the next update boundary, then stop"."""
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+        self._previous_handlers = previous
+        try:
+            super().run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_stop_signal(self, signum: int, frame: tp.Any) -> None:
+        name = signal.Signals(signum).name
+        self.logger.warning("Received %s: checkpointing at the next update, then stopping.", name)
+        self._stop_signal = signum
+
+    def _stop_if_signalled(self, saved: str) -> None:
+        """After a checkpoint boundary: hand over to the previous handler (submitit requeues), then exit."""
+        signum = self._stop_signal
+        if signum is None:
+            return
+        self.logger.warning("Stopping on %s; %s. Re-run the same command (SLURM requeues it) to resume.",
+                            signal.Signals(signum).name, saved)
+        handler = self._previous_handlers.get(signum)
+        if callable(handler):
+            handler(signum, None)  # submitit: checkpoint_and_try_requeue (USR2) requeues the job and exits
+        raise SystemExit(128 + signum)
+
+    def commit(self, save_checkpoints: bool = True) -> None:
+        """audiocraft's commit (history + checkpoints), then honour a pending stop signal."""
+        super().commit(save_checkpoints)
+        self._stop_if_signalled(f'epoch {self.epoch - 1} is checkpointed')
+
     # ---------------------------------------------------------------- train loop
     def train(self) -> dict:
         """One epoch of updates, resumable mid-epoch from a step checkpoint (same data, same RNG draws, same means).
@@ -186,8 +222,11 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                 if lp.update(**instant.update(metrics)):
                     instant = ckpt.RunningMean()
                 average.update(metrics)
-                if every and (idx + 1) % every == 0 and idx + 1 < updates:
+                stop = self._stop_signal is not None and idx + 1 < updates
+                if stop or (every and (idx + 1) % every == 0 and idx + 1 < updates):
                     self._save_step_checkpoint(idx + 1, epoch_rng, average)
+                if stop:
+                    self._stop_if_signalled(f'update {idx + 1} of epoch {self.epoch} is checkpointed')
         return flashy.distrib.average_metrics(average.value, updates)
 
     # ---------------------------------------------------------------- step

@@ -237,3 +237,28 @@ def test_two_process_data_parallel_matches_one(tmp_path, demo_overrides):
     assert worst < 1e-5, worst  # same global batch; only the all-reduce summation order differs
     history = json.loads((xp_folder(tmp_path / 'two') / 'history.json').read_text())
     assert len(history) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGUSR2])
+def test_preemption_signal_checkpoints_then_resume_is_exact(tmp_path, resume_args, uninterrupted, signum):
+    """SLURM's SIGTERM (scontrol requeue, preemption) or submitit's SIGUSR2 (pre-timeout): the run writes a step
+    checkpoint at the next update and exits; the re-run ends exactly where an uninterrupted run does."""
+    outputs = tmp_path / 'outputs'
+    args = resume_args + ['dataset.num_workers=0', 'checkpoint.save_every_updates=null']
+    proc = subprocess.Popen([sys.executable, '-m', 'dora', 'run', *args], cwd=ROOT, env=subprocess_env(outputs),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        logs = list(outputs.glob('xps/*/solver.log.0'))
+        if logs and 'Train | Epoch 1 | 2/6' in logs[0].read_text():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    folder = xp_folder(outputs)
+    assert 'checkpointing at the next update' in (folder / 'solver.log.0').read_text()
+    assert (folder / 'checkpoint_step.th').exists() or (folder / 'checkpoint.th').exists()
+    run_dora(args, outputs)
+    assert_same_training_state(uninterrupted, ckpt.safe_load(folder / 'checkpoint.th'))
