@@ -99,6 +99,12 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         self.model: models.LMModel = models.builders.get_lm_model(self.cfg).to(self.device)
         self.register_ema('model')
         self.optimizer = builders.get_optimizer(builders.get_optim_parameter_groups(self.model), self.cfg.optim)
+        name = self.cfg.schedule.lr_scheduler
+        warmup = self.cfg.schedule.get(name, {}).get('warmup') if name else None
+        if name in ('cosine', 'polynomial_decay') and warmup is not None and warmup >= self.total_updates:
+            raise ValueError(
+                f"schedule.{name}.warmup={warmup} must be below the {self.total_updates} updates of the run "
+                f"(optim.epochs x optim.updates_per_epoch): lower the warmup or train longer.")
         self.lr_scheduler = builders.get_lr_scheduler(self.optimizer, self.cfg.schedule, self.total_updates)
         self.register_stateful('model', 'optimizer', 'lr_scheduler')
         self.register_best_state('model')

@@ -61,7 +61,7 @@ def demo_overrides(tiny_package, tiny_dataset) -> list[str]:
     """Overrides that point the demo solver at the session's package and dataset, with a very short schedule."""
     return ['solver=audiogen/demo', f'pretrained={tiny_package}', f"datasource.train={tiny_dataset['train']}",
             f"datasource.valid={tiny_dataset['valid']}", 'optim.epochs=2', 'optim.updates_per_epoch=4',
-            'dataset.batch_size=4', 'generate.duration=1.0', 'dataset.valid.num_samples=8']
+            'dataset.batch_size=4', 'generate.duration=1.0', 'dataset.valid.num_samples=8', 'schedule.cosine.warmup=2']
 
 
 @pytest.fixture(scope='session')
