@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="worker processes (default: CPU count, at most 8)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="folder for the prepared WAVs, state and report (default: <project>/data/NAME)")
+                        help="folder for the prepared WAVs, state and report (default: <project>/data/NAME); its "
+                        "wav/ sub-folder is managed by this tool: files there that no source produces are deleted")
     parser.add_argument("--egs-root", type=Path, default=None,
                         help="root of the manifests (default: <project>/egs)")
     parser.add_argument("--config-root", type=Path, default=None,

@@ -44,6 +44,7 @@ WAV_SUBDIR = "wav"
 STATE_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
+JSON_TYPES = {bool: "boolean", int: "number", float: "number", dict: "object", type(None): "null"}
 REJECTED = "rejected"
 FLAGGED = "flagged"
 INFO = "info"
@@ -388,11 +389,10 @@ def convert_one(task: ConvertTask) -> ConvertResult:
     prev = task.previous
     if prev is not None and prev.get("sha") == sha:
         audio_issues = [Issue(**i) for i in prev.get("issues", [])]
-        record = dict(prev)
         if prev["status"] == "kept":
             _write_sidecars(src, wav_dir, prev["outputs"])
             audio_issues += _metadata_issues(src, prev["orig"]["sample_rate"], prev["orig"]["duration"])
-        return ConvertResult(src.rel, record, audio_issues, False)
+        return ConvertResult(src.rel, dict(prev), audio_issues, False)
 
     issues: list[Issue] = []
     record: dict[str, Any] = {"v": STATE_VERSION, "rel": src.rel, "base": src.base, "sha": sha,
@@ -560,7 +560,7 @@ def read_json_object(path: Path, rel: str) -> tuple[dict[str, Any] | None, tuple
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        return None, ("malformed_json", f"{rel} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}")
+        return None, ("malformed_json", f"{rel} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})")
     if not isinstance(obj, dict):
         return None, ("bad_json_root", f"{rel} holds a JSON {type(obj).__name__}, not an object")
     return obj, None
@@ -579,8 +579,9 @@ def caption_from_object(obj: dict[str, Any], where: str) -> tuple[str | list[str
     for key in keys:
         try:
             value = clean_caption(obj[key])
-        except TypeError as err:
-            return None, ("bad_caption", f"'{key}' in {where} is a {err}, not text")
+        except TypeError:
+            kind = JSON_TYPES.get(type(obj[key]), type(obj[key]).__name__)
+            return None, ("bad_caption", f"'{key}' in {where} is a JSON {kind} ({str(obj[key])[:40]}), not text")
         if isinstance(value, str):
             captions.append(value)
         elif value:
@@ -789,7 +790,6 @@ def discover(cfg: PrepareConfig) -> tuple[list[Source], list[Issue], dict[str, A
     facts = {
         "layout": ("captions file" if caption_files else "audio/ + metadata/" if split_layout else "sidecar JSON"),
         "captions_files": [c for c, _ in caption_files],
-        "audio_files": len(audio),
         "hidden_skipped": hidden,
     }
     return sources, issues, facts
@@ -881,8 +881,8 @@ def format_report_text(report: dict[str, Any]) -> str:
         "",
         f"Audio files found:  {t['audio_files']}",
         f"Kept:               {t['kept_files']} ({t['flagged_files']} of them flagged)",
-        f"Rejected:           {t['rejected_files']}",
-        f"Converted this run: {t['converted']}   unchanged since last run: {t['unchanged']}   "
+        f"Rejected:           {t['rejected_files']} (+ {t['other_rejections']} captions rows / folders)",
+        f"Decoded this run: {t['converted']}   unchanged since last run: {t['unchanged']}   "
         f"stale outputs removed: {t['stale_removed']}",
         f"Prepared clips:     {t['clips']} = {t['hours']:.3f} h "
         f"(train {t['train_clips']} clips / {t['train_hours']:.3f} h, "
@@ -1090,7 +1090,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
 
         order = {REJECTED: 0, FLAGGED: 1, INFO: 2}
         issues.sort(key=lambda i: (order.get(i.status, 3), i.path, i.code))
-        rejected = {i.path for i in issues if i.status == REJECTED}
+        rejected_all = {i.path for i in issues if i.status == REJECTED}
+        # Audio files only, so that kept + rejected == found; rejected captions rows and folders are counted apart.
+        rejected = {p for p in rejected_all if Path(p).suffix.lower() in AUDIO_EXTS | UNSUPPORTED_EXTS}
         flagged = {i.path for i in issues if i.status == FLAGGED} & set(kept)
         durations = [o["duration"] for r in kept.values() for o in r["outputs"]]
         split_hours = {s: sum(e["duration"] for e in rows) / 3600 for s, rows in entries.items()}
@@ -1106,9 +1108,10 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
             **facts,
             "params": {k: v for k, v in params.items() if k != "fingerprint"},
             "totals": {
-                "audio_files": facts["audio_files"],
+                "audio_files": len(kept) + len(rejected),
                 "kept_files": len(kept),
                 "rejected_files": len(rejected),
+                "other_rejections": len(rejected_all - rejected),
                 "flagged_files": len(flagged),
                 "converted": converted,
                 "unchanged": len(records) - converted,
@@ -1133,7 +1136,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         exit_code = 0
         if not kept:
             exit_code = 1
-        elif cfg.strict and rejected:
+        elif cfg.strict and rejected_all:
             exit_code = 1
         return PrepareResult(report, exit_code)
     finally:

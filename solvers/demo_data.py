@@ -93,8 +93,9 @@ def bell(rng: np.random.Generator, n: int) -> np.ndarray:
     t = _t(n)
     f0 = rng.uniform(300, 900)
     ratios = (0.5, 1.0, 1.19, 1.56, 2.0, 2.74, 3.0)
-    tone = sum(np.sin(2 * np.pi * f0 * r * t) * np.exp(-t * (0.8 + 0.6 * i)) / (1 + 0.4 * i)
-               for i, r in enumerate(ratios))
+    tone = np.zeros(n)
+    for i, r in enumerate(ratios):
+        tone += np.sin(2 * np.pi * f0 * r * t) * np.exp(-t * (0.8 + 0.6 * i)) / (1 + 0.4 * i)
     out = tone * _envelope(n, 0.002, 10.0)
     if n > SAMPLE_RATE * 1.5 and rng.random() < 0.5:
         s = int(rng.uniform(0.8, n / SAMPLE_RATE - 0.5) * SAMPLE_RATE)
