@@ -853,12 +853,13 @@ datasource:
   max_channels: 1
   train: {manifest_ref}/train       # relative paths are resolved against the project root, whatever Hydra's cwd is
   valid: {manifest_ref}/valid
-  evaluate: {manifest_ref}/valid
-  generate: {manifest_ref}/valid
+  evaluate: null
+  generate: null         # samples come from generate.prompts, not from the data
 dataset:
   segment_duration: 10   # seconds per training example; AudioGen was trained on 10 s
-  batch_size: 8          # per optimizer step and GPU; fits audiogen-medium at 10 s on a 24 GB GPU
+  batch_size: 8          # clips per micro-batch; x optim.grad_accum_steps = clips per update
   num_workers: 4         # data loader processes; not part of the experiment signature
+  min_segment_ratio: 0.5 # keep clips at least half a segment long (shorter ones are padded)
 """
 
 
