@@ -116,7 +116,7 @@ class RNGState:
         self.generators = generators
 
     def state_dict(self) -> dict:
-        np_state = np.random.get_state()
+        np_state: tp.Any = np.random.get_state()  # ('MT19937', keys, pos, has_gauss, cached_gaussian)
         state = {
             'python': random.getstate(),
             'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),

@@ -29,6 +29,7 @@ from audiocraft.solvers import builders
 from audiocraft.solvers.audiogen import AudioGenSolver
 from audiocraft.utils import checkpoint
 from audiocraft.utils.utils import get_dataset_from_loader
+from flashy.loggers.tensorboard import TensorboardLogger
 
 from . import audio_io, package, project
 from . import checkpoints as ckpt
@@ -109,7 +110,8 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         self.register_stateful('model', 'optimizer', 'lr_scheduler')
         self.register_best_state('model')
         self.autocast_dtype = {'float16': torch.float16, 'bfloat16': torch.bfloat16}[self.cfg.autocast_dtype]
-        self.scaler: torch.amp.GradScaler | None = None
+        # audiocraft annotates the deprecated torch.cuda.amp.GradScaler; torch.amp's is the same class today.
+        self.scaler: torch.amp.GradScaler | None = None  # type: ignore[assignment]
         if self.cfg.autocast and self.autocast_dtype is torch.float16:
             self.scaler = torch.amp.GradScaler('cuda')
             self.register_stateful('scaler')
@@ -160,8 +162,8 @@ class AudioGenFinetuneSolver(AudioGenSolver):
     def run(self) -> None:
         """audiocraft's epoch loop, with SIGTERM/SIGUSR2 (SLURM preemption, `scontrol requeue`, submitit's
         pre-timeout signal) turned into "checkpoint at the next update boundary, then stop"."""
-        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGUSR2)}
-        self._previous_handlers = previous
+        previous = {int(sig): signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+        self._previous_handlers: dict[int, tp.Any] = previous
         try:
             super().run()
         finally:
@@ -309,7 +311,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
 
     def _log_update(self, idx: int, metrics: dict) -> None:
         """Per-update TensorBoard points, so curves show more than one value per epoch."""
-        tb = self.result_logger._experiment_loggers.get('tensorboard')  # flashy keeps its loggers in this dict
+        tb = self._tensorboard()
         if tb is None or tb.writer is None or not flashy.distrib.is_rank_zero():
             return
         step = (self.epoch - 1) * self.train_updates_per_epoch + idx + 1
@@ -317,6 +319,10 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             if key in metrics:
                 value = metrics[key]
                 tb.writer.add_scalar(f'train_update/{key}', float(value), step)
+
+    def _tensorboard(self) -> TensorboardLogger | None:
+        """flashy's TensorBoard logger (it keeps its loggers in a private dict), or None when disabled."""
+        return tp.cast('TensorboardLogger | None', self.result_logger._experiment_loggers.get('tensorboard'))
 
     # ---------------------------------------------------------------- samples
     @torch.no_grad()
@@ -341,7 +347,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             return metrics
         folder = self.folder / self.cfg.generate.path / f'epoch_{self.epoch:03d}'
         lufs = []
-        tb = self.result_logger._experiment_loggers.get('tensorboard')
+        tb = self._tensorboard()
         for i, (prompt, wav) in enumerate(zip(prompts, audio)):
             wav = audio_io.normalize_loudness(wav, sample_rate, self.cfg.generate.loudness)
             path = audio_io.write_audio(folder / f'{i:02d}_{audio_io.slugify(prompt, 40)}.wav', wav, sample_rate,

@@ -49,7 +49,7 @@ def get_solver_from_xp(xp: XP, load_best: bool = True, ignore_state_keys: tp.Seq
     """Rebuild the solver of a past XP and restore its checkpoint (the best weights by default)."""
     cfg = xp.cfg if override_cfg is None else omegaconf.OmegaConf.merge(xp.cfg, override_cfg)
     with xp.enter():
-        solver = get_solver(cfg)
+        solver = get_solver(tp.cast(omegaconf.DictConfig, cfg))
         solver.restore(load_best=load_best, ignore_state_keys=list(ignore_state_keys))
     return solver
 
@@ -78,7 +78,7 @@ def init_seed_and_system(cfg: omegaconf.DictConfig) -> None:
 def main(cfg: omegaconf.DictConfig):
     init_seed_and_system(cfg)
     log_name = f'{cfg.execute_only}.log.{{rank}}' if cfg.execute_only else 'solver.log.{rank}'
-    flashy.setup_logging(level=str(cfg.logging.level).upper(), log_name=log_name)
+    flashy.setup_logging(level=logging.getLevelName(str(cfg.logging.level).upper()), log_name=log_name)
     flashy.distrib.init()
     solver = get_solver(cfg)
     if cfg.show:
