@@ -217,7 +217,8 @@ def uninterrupted(tmp_path_factory, resume_args) -> dict:
 def test_exact_resume_after_sigkill(tmp_path, resume_args, uninterrupted, workers):
     """SIGKILL at a random step/epoch checkpoint, re-run: bitwise the same weights, EMA, optimizer and history."""
     kill_at = random.Random(workers).randint(1, 5)  # among the 6 step/epoch checkpoint writes of the run
-    _run_killed(resume_args + [f'dataset.num_workers={workers}'], tmp_path / 'killed', kill_at)
+    # fork: workers start without re-importing audiocraft (forkserver, the default, is for CUDA safety).
+    _run_killed(resume_args + [f'dataset.num_workers={workers}', 'mp_start_method=fork'], tmp_path / 'killed', kill_at)
     resumed = ckpt.safe_load(xp_folder(tmp_path / 'killed') / 'checkpoint.th')
     assert len(resumed['history']) == 2
     assert_same_training_state(uninterrupted, resumed)

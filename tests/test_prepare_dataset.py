@@ -439,7 +439,8 @@ def test_dora_run_trains_on_a_prepared_preset(tmp_path, tiny_package):
         assert result.report["preset"]["action"] == "written"
         run_dora(["solver=audiogen/demo", f"dataset={name}", f"pretrained={tiny_package}", "optim.epochs=1",
                   "optim.updates_per_epoch=2", "schedule.cosine.warmup=1", "dataset.batch_size=4",
-                  "dataset.segment_duration=1.0", "dataset.valid.num_samples=4", "generate.duration=1.0"],
+                  "dataset.segment_duration=1.0", "dataset.valid.num_samples=4", "generate.duration=1.0",
+                  "dataset.num_workers=0"],  # the preset's 4 workers would each import audiocraft
                  tmp_path / "outputs")
         assert list((tmp_path / "outputs" / "xps").glob("*/history.json"))
     finally:
