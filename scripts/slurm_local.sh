@@ -136,9 +136,10 @@ JobRequeue=1
 SlurmctldTimeout=10
 SlurmdTimeout=30
 ReturnToService=2
-# Seconds between SIGTERM and SIGKILL on cancel or requeue (default 30): submitit ignores SIGTERM, so this is the
-# time a requeue waits before the job is killed; short keeps the tests quick.
-KillWait=5
+# Seconds between SIGTERM and SIGKILL on cancel or requeue (SLURM's default, 30): the solver finishes its update,
+# writes a step checkpoint and exits on SIGTERM, so a requeue rarely waits this long; shorter risks a SIGKILL
+# before the checkpoint on a busy machine.
+KillWait=30
 # A requeued job may start again only after the job credential lifetime (default 120 s); 10 s keeps preemption
 # tests quick and is still far more than a step launch takes on one machine.
 AuthInfo=cred_expire=10
