@@ -79,7 +79,7 @@ def main(cfg: omegaconf.DictConfig):
     init_seed_and_system(cfg)
     log_name = f'{cfg.execute_only}.log.{{rank}}' if cfg.execute_only else 'solver.log.{rank}'
     flashy.setup_logging(level=logging.getLevelName(str(cfg.logging.level).upper()), log_name=log_name)
-    flashy.distrib.init()
+    flashy.distrib.init(backend='nccl' if str(cfg.device).startswith('cuda') else 'gloo')  # gloo: CPU processes
     solver = get_solver(cfg)
     if cfg.show:
         solver.show()

@@ -160,7 +160,7 @@ def test_retention_corruption_strictness_and_stale_files(tmp_path, short_run):
 @pytest.mark.slow
 def test_missing_state_fails_loudly_unless_reset(tmp_path, short_run):
     outputs = tmp_path / 'outputs'
-    args = [o for o in short_run if not o.startswith('optim.epochs')] + ['optim.epochs=1']
+    args = [o for o in short_run if not o.startswith('optim.epochs')] + ['optim.epochs=1', 'schedule.cosine.warmup=1']
     run_dora(args, outputs)
     folder = xp_folder(outputs)
     for path in folder.glob('checkpoint_[0-9]*.th'):
