@@ -78,11 +78,26 @@ def clean_stale_tmp(folder: Path) -> list[Path]:
     return stale
 
 
+def load_weights_only(path: str | os.PathLike, mmap: bool = True) -> tp.Any:
+    """`torch.load(weights_only=True)` with the OmegaConf allowlist, memory-mapped when the file allows it.
+
+    Memory-mapping keeps a medium checkpoint (~25 GB with its optimizer) off the heap until tensors are used; files
+    written with the legacy (non-zip) serializer can't be mapped and are read whole.
+    """
+    with torch.serialization.safe_globals(omegaconf_safe_globals()):
+        if mmap:
+            try:
+                return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if 'mmap' not in str(err):
+                    raise
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
 def safe_load(path: Path) -> dict:
     """Load a checkpoint with ``weights_only=True``; raise CheckpointError naming the file on any problem."""
     try:
-        with torch.serialization.safe_globals(omegaconf_safe_globals()):
-            state = torch.load(path, map_location='cpu', weights_only=True)
+        state = load_weights_only(path, mmap=False)
     except pickle.UnpicklingError as err:
         unsafe = _unsafe_globals(path)
         raise CheckpointError(

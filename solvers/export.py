@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import package, project
-from .checkpoints import omegaconf_safe_globals
+from .checkpoints import load_weights_only
 
 WEIGHTS = ('best', 'ema', 'last')
 # Where each --weights choice lives in a solver checkpoint.
@@ -104,13 +104,7 @@ def _has_checkpoint(folder: Path) -> bool:
 def _load_checkpoint(path: Path) -> dict:
     """A solver checkpoint, memory-mapped (a medium checkpoint with its optimizer is ~25 GB), weights_only."""
     try:
-        with torch.serialization.safe_globals(omegaconf_safe_globals()):
-            try:
-                return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-            except RuntimeError as err:
-                if 'mmap' not in str(err):
-                    raise
-                return torch.load(path, map_location='cpu', weights_only=True)
+        return load_weights_only(path)
     except Exception as err:
         raise ExportError(f"Cannot read the checkpoint {path}: {err}") from err
 

@@ -106,15 +106,11 @@ def load_file(package: str, filename: str) -> dict:
         package: a resolved package (see :func:`resolve`).
         filename: ``state_dict.bin`` or ``compression_state_dict.bin``.
     """
+    from .checkpoints import load_weights_only
+
     path = _fetch(package, filename)
     try:
-        try:
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if 'mmap' not in str(err):
-                raise
-            # Files written with the legacy (non-zip) serializer can't be memory-mapped.
-            return torch.load(path, map_location='cpu', weights_only=True)
+        return load_weights_only(path)
     except Exception as err:
         raise PackageError(
             f"Cannot read {path}: {err}. Package files must be torch zip archives holding only tensors, strings "
