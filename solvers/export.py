@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import package, project
-from .checkpoints import load_weights_only
+from .checkpoints import fsync_dir, load_weights_only
 
 WEIGHTS = ('best', 'ema', 'last')
 # Where each --weights choice lives in a solver checkpoint.
@@ -305,9 +305,5 @@ def export_xp(spec: str | os.PathLike, out_dir: str | os.PathLike, weights: str 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(out.parent)
     return out

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
-import typing as tp
 from pathlib import Path
 
 import torch
@@ -188,27 +186,6 @@ def check_and_merge(cfg: DictConfig, package_cfg: DictConfig, package: str) -> N
             OmegaConf.update(cfg, subtree, package_cfg[subtree], merge=False, force_add=True)
 
 
-def _atomic_save(obj: tp.Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync it, then rename it into place and fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; packages are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write(out_dir: str | os.PathLike, lm_cfg: DictConfig | str, lm_state_dict: dict,
           compression_cfg: DictConfig | str, compression_state_dict: dict) -> Path:
     """Write a package that ``AudioGen.get_pretrained(out_dir)`` loads unchanged.
@@ -224,6 +201,8 @@ def write(out_dir: str | os.PathLike, lm_cfg: DictConfig | str, lm_state_dict: d
     """
     import audiocraft
 
+    from .checkpoints import atomic_save
+
     out = Path(out_dir)
 
     def as_yaml(cfg: DictConfig | str) -> str:
@@ -233,7 +212,7 @@ def write(out_dir: str | os.PathLike, lm_cfg: DictConfig | str, lm_state_dict: d
         return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
     meta = {'version': audiocraft.__version__, 'exported': True}
-    _atomic_save({'xp.cfg': as_yaml(compression_cfg), 'best_state': plain(compression_state_dict), **meta},
+    atomic_save({'xp.cfg': as_yaml(compression_cfg), 'best_state': plain(compression_state_dict), **meta},
                  out / COMPRESSION_FILE)
-    _atomic_save({'xp.cfg': as_yaml(lm_cfg), 'best_state': plain(lm_state_dict), **meta}, out / LM_FILE)
+    atomic_save({'xp.cfg': as_yaml(lm_cfg), 'best_state': plain(lm_state_dict), **meta}, out / LM_FILE)
     return out
