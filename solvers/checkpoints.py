@@ -95,10 +95,15 @@ def load_weights_only(path: str | os.PathLike, mmap: bool = True) -> tp.Any:
         return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def safe_load(path: Path) -> dict:
-    """Load a checkpoint with ``weights_only=True``; raise CheckpointError naming the file on any problem."""
+def safe_load(path: Path, mmap: bool = False) -> dict:
+    """Load a checkpoint with ``weights_only=True``; raise CheckpointError naming the file on any problem.
+
+    Args:
+        path: the checkpoint.
+        mmap: map tensors instead of reading them, for callers that only look at small entries (e.g. the history).
+    """
     try:
-        state = load_weights_only(path, mmap=False)
+        state = load_weights_only(path, mmap=mmap)
     except pickle.UnpicklingError as err:
         unsafe = _unsafe_globals(path)
         raise CheckpointError(

@@ -439,7 +439,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         for path in candidates:
             if path.name != 'checkpoint_step.th':
                 try:
-                    return len(ckpt.safe_load(path)['history'])
+                    return len(ckpt.safe_load(path, mmap=True)['history'])  # mapped: only the history is read
                 except ckpt.CheckpointError:
                     continue
         return 0
