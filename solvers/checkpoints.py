@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import AudiogenError
+
 TMP_SUFFIX = '.tmp'
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AudiogenError, RuntimeError):
     """A checkpoint is unreadable, unsafe or incomplete."""
 
 

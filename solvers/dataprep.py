@@ -23,6 +23,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .errors import AudiogenError
+
 # This module is imported by worker processes: keep it free of torch/audiocraft imports (they cost seconds).
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +93,7 @@ FIXES: dict[str, str] = {
 }
 
 
-class DatasetError(Exception):
+class DatasetError(AudiogenError):
     """A problem with the arguments or the dataset as a whole; the message says what to do."""
 
 

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import package, project
 from .checkpoints import fsync_dir, load_weights_only
+from .errors import AudiogenError
 
 WEIGHTS = ('best', 'ema', 'last')
 # Where each --weights choice lives in a solver checkpoint.
@@ -38,7 +39,7 @@ MACHINE_KEYS = ('datasource', 'slurm', 'dora')
 _SIG = re.compile(r'^[0-9a-f]{8}$')
 
 
-class ExportError(RuntimeError):
+class ExportError(AudiogenError, RuntimeError):
     """An XP can't be read or exported; the message says what to do."""
 
 

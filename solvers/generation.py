@@ -36,6 +36,7 @@ import torch
 from omegaconf import DictConfig
 
 from . import audio_io, export, package
+from .errors import AudiogenError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ MAX_SEED = 2 ** 63 - 1
 _UNIFORM_CHUNK = 4096
 
 
-class GenerationError(ValueError):
+class GenerationError(AudiogenError, ValueError):
     """Bad input for generation (prompts, parameters, model reference); the message says what to change."""
 
 

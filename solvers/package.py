@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import AudiogenError
+
 LM_FILE = 'state_dict.bin'
 COMPRESSION_FILE = 'compression_state_dict.bin'
 _HF_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
@@ -37,7 +39,7 @@ ARCHITECTURE_KEYS = (
 PACKAGE_SUBTREES = ('conditioners', 'fuser', 'codebooks_pattern')
 
 
-class PackageError(RuntimeError):
+class PackageError(AudiogenError, RuntimeError):
     """A pretrained package is missing, unreadable or does not match the config."""
 
 

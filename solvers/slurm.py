@@ -40,6 +40,8 @@ from pathlib import Path
 from dora.conf import SlurmConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import AudiogenError
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / 'config' / 'slurm'
 # Our keys for CPU-only jobs; Dora knows only per-GPU amounts, so they are folded into those below.
 CPU_ONLY_KEYS = ('mem_gb', 'cpus')
@@ -51,7 +53,7 @@ REQUIRED_KEYS = ('gpus', 'mem_per_gpu', 'cpus_per_gpu')
 GPUS_PER_NODE = 8  # Dora's assumption: nodes of 8 GPUs (dora/shep.py, Shepherd._get_submitit_executor)
 
 
-class SlurmConfigError(ValueError):
+class SlurmConfigError(AudiogenError, ValueError):
     """A value of the `slurm` config group that SLURM or Dora cannot take."""
 
 
