@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from solvers.dataprep import DatasetError, PrepareConfig, format_summary, prepare
+from solvers.dataprep import PrepareConfig, format_summary, prepare
+from solvers.errors import run_cli
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(PrepareConfig)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,26 +21,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check, convert (16 kHz mono PCM16), split and index a folder of captioned sounds for AudioGen "
         "fine-tuning. Layouts: audio/ + metadata/ with matching paths; a JSON beside each audio file; or a "
         "captions CSV/JSONL with path and caption columns. Caption keys: description, text or caption.",
-        epilog="Example: prepare_dataset ~/sounds --name mysounds && dora run solver=audiogen/train dataset=mysounds")
+        epilog="Example: python -m scripts.prepare_dataset ~/sounds --name mysounds, then the commands it prints "
+        "(dora run solver=audiogen/tiny dataset=mysounds on a CPU, solver=audiogen/train on a GPU). Outputs go under "
+        "the data root: $AUDIOGEN_HOME if set, else this project's folder.")
     parser.add_argument("dataset_dir", type=Path, help="folder with your audio and captions (never modified)")
     parser.add_argument("--name", required=True, help="dataset name: egs/NAME/, config/dataset/NAME.yaml, data/NAME/")
-    parser.add_argument("--valid-fraction", type=float, default=0.1,
-                        help="share of source files in the valid split (default: 0.1)")
+    parser.add_argument("--valid-fraction", type=float, default=DEFAULTS["valid_fraction"],
+                        help="share of source files in the valid split (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="worker processes (default: CPU count, at most 8)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="folder for the prepared WAVs, state and report (default: <project>/data/NAME); its "
+                        help="folder for the prepared WAVs, state and report (default: <data root>/data/NAME); its "
                         "wav/ sub-folder is managed by this tool: files there that no source produces are deleted")
     parser.add_argument("--egs-root", type=Path, default=None,
-                        help="root of the manifests (default: <project>/egs)")
+                        help="root of the manifests (default: <data root>/egs)")
     parser.add_argument("--config-root", type=Path, default=None,
-                        help="folder of the dataset config group (default: <project>/config/dataset)")
+                        help="folder of the dataset config group (default: <data root>/config/dataset)")
     parser.add_argument("--captions", type=Path, default=None,
                         help="captions CSV/JSONL (default: top-level *.csv / *.jsonl files of DATASET_DIR)")
-    parser.add_argument("--min-seconds", type=float, default=1.0,
-                        help="reject clips shorter than this (default: 1)")
-    parser.add_argument("--max-seconds", type=float, default=30.0,
-                        help="split clips longer than this into equal chunks (default: 30)")
+    parser.add_argument("--min-seconds", type=float, default=DEFAULTS["min_seconds"],
+                        help="reject clips shorter than this (default: %(default)s: two codec frames; short sounds "
+                        "such as clicks and hits are kept and padded in training)")
+    parser.add_argument("--max-seconds", type=float, default=DEFAULTS["max_seconds"],
+                        help="split clips longer than this into equal chunks (default: %(default)s)")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any file is rejected")
     parser.add_argument("--force", action="store_true", help="overwrite an existing preset that differs")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -58,18 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         config_root=args.config_root, captions=args.captions, valid_fraction=args.valid_fraction,
         workers=args.workers, min_seconds=args.min_seconds, max_seconds=args.max_seconds, strict=args.strict,
         force=args.force, progress=not args.no_progress)
-    try:
+
+    def run() -> int:
         result = prepare(cfg)
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_summary(result.report))
-    if result.exit_code:
-        t = result.report["totals"]
-        why = ("no usable file remains" if not t["kept_files"]
-               else f"--strict and {t['rejected_files']} file(s) were rejected")
-        print(f"error: {why}; see {Path(result.report['out_dir']) / 'report.txt'}", file=sys.stderr)
-    return result.exit_code
+        print(format_summary(result.report))
+        if result.exit_code:
+            t = result.report["totals"]
+            why = ("no usable file remains" if not t["kept_files"]
+                   else f"--strict and {t['rejected_files']} file(s) were rejected")
+            print(f"error: {why}; see {Path(result.report['out_dir']) / 'report.txt'}", file=sys.stderr)
+        return result.exit_code
+    return run_cli("prepare_dataset", run)
 
 
 if __name__ == "__main__":

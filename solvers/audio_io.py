@@ -16,6 +16,7 @@ import torchaudio.functional as AF
 FORMATS = {'wav': ('WAV', 'PCM_16'), 'flac': ('FLAC', 'PCM_16'), 'ogg': ('OGG', 'VORBIS'),
            'mp3': ('MP3', 'MPEG_LAYER_III')}
 SILENCE_LUFS = -70.0  # BS.1770 absolute gate: below it a clip has no measurable loudness
+DC_CUTOFF_HZ = 20.0  # the bottom of human hearing: what lies below is offset and drift, not sound
 
 
 def loudness(wav: torch.Tensor, sample_rate: int) -> float:
@@ -31,9 +32,21 @@ def loudness(wav: torch.Tensor, sample_rate: int) -> float:
     return value if np.isfinite(value) else float('-inf')
 
 
+def remove_dc(wav: torch.Tensor, sample_rate: int, cutoff_hz: float = DC_CUTOFF_HZ) -> torch.Tensor:
+    """Remove a DC offset and sub-audible drift: subtract the mean, then a 2nd-order high-pass at ``cutoff_hz``.
+
+    Codecs (a random or barely trained one especially) can output a constant offset. Loudness measurement
+    (BS.1770's K-weighting) ignores DC, so normalising such a clip amplifies an offset nobody hears until it clips
+    and eats the headroom; removing it first keeps the audible part at the target.
+    """
+    wav = wav.detach().float()
+    wav = wav - wav.mean(dim=-1, keepdim=True)
+    return AF.highpass_biquad(wav, sample_rate, cutoff_hz)
+
+
 def normalize_loudness(wav: torch.Tensor, sample_rate: int, target_lufs: float = -14.0,
                        peak_db: float = -1.0, iterations: int = 4) -> torch.Tensor:
-    """Scale a [C, T] waveform to ``target_lufs`` while keeping every sample below ``peak_db`` dBFS.
+    """Remove DC, then scale a [C, T] waveform to ``target_lufs`` keeping every sample below ``peak_db`` dBFS.
 
     A plain gain reaches the target unless the clip is very peaky; then a soft limiter (tanh above the ceiling's
     knee) shaves the peaks and the gain is re-measured, a few times, so the result sits at the target without
@@ -46,7 +59,7 @@ def normalize_loudness(wav: torch.Tensor, sample_rate: int, target_lufs: float =
         peak_db: sample-peak ceiling in dBFS.
         iterations: gain/limit rounds.
     """
-    wav = wav.detach().float()
+    wav = remove_dc(wav, sample_rate)
     ceiling = 10 ** (peak_db / 20)
     for _ in range(iterations):
         current = loudness(wav, sample_rate)

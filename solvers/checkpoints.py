@@ -185,3 +185,88 @@ class RunningMean:
 
     def state_dict(self) -> dict:
         return {'sums': dict(self.sums), 'counts': dict(self.counts)}
+
+
+class EpochPosition:
+    """Where the current epoch stands, as registered solver state: a step checkpoint resumes from it exactly.
+
+    Attributes:
+        update: optimizer updates of the epoch already done (0: the epoch has not started; ``updates_per_epoch``: its
+            training is done and the valid/evaluate/generate stages remain).
+        epoch_rng: the RNG states at the start of the epoch (the loader draws its order and worker seeds from them).
+        rng: the RNG states after ``update`` updates (dropout draws continue from there).
+        average: running means of the epoch's metrics so far (see :class:`RunningMean`).
+        bad_steps: consecutive non-finite steps so far.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to "the epoch has not started" (after an epoch is committed)."""
+        self.update = 0
+        self.epoch_rng: dict | None = None
+        self.rng: dict | None = None
+        self.average: dict = RunningMean().state_dict()
+        self.bad_steps = 0
+
+    def state_dict(self) -> dict:
+        return {'update': self.update, 'epoch_rng': self.epoch_rng, 'rng': self.rng, 'average': self.average,
+                'bad_steps': self.bad_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.update = int(state.get('update', 0))
+        self.epoch_rng = state.get('epoch_rng')
+        self.rng = state.get('rng')
+        self.average = state.get('average') or RunningMean().state_dict()
+        self.bad_steps = int(state.get('bad_steps', 0))
+
+
+def is_disk_full(err: BaseException, folder: Path) -> bool:
+    """True when ``err`` (or its cause) is a failed write because ``folder``'s filesystem is out of space.
+
+    torch.save reports a full disk either as OSError(ENOSPC) or as a RuntimeError from its zip writer
+    ("... file write failed"), which carries no errno: then the free space decides.
+    """
+    import errno
+    import shutil
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if 'write failed' in str(err) or 'No space left' in str(err):
+        try:
+            return shutil.disk_usage(folder).free < 64 * 2 ** 20
+        except OSError:
+            return False
+    return False
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, for one-line reports."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def size_text(path: Path) -> str:
+    """Human size of a file, or 'as much as the last one' when it does not exist yet."""
+    try:
+        return f"{path.stat().st_size / 2 ** 30:.2f} GiB" if path.stat().st_size >= 2 ** 30 else \
+            f"{path.stat().st_size / 2 ** 20:.1f} MiB"
+    except OSError:
+        return "as much as the model and optimizer state"
+
+
+def describe_kept(folder: Path) -> str:
+    """A sentence saying which checkpoint of an XP folder survives and which epoch it holds."""
+    for name in ('checkpoint.th', 'checkpoint_step.th'):
+        path = folder / name
+        if path.is_file():
+            try:
+                history = safe_load(path, mmap=True).get('history', [])
+            except CheckpointError:
+                continue
+            return f"{path} is intact and holds {len(history)} completed epoch(s)."
+    return "No earlier checkpoint exists: the re-run starts this XP from the pretrained weights."

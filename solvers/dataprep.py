@@ -24,10 +24,10 @@ import soundfile as sf
 import soxr
 
 from .errors import AudiogenError
+from .project import data_root, user_config_dir
 
 # This module is imported by worker processes: keep it free of torch/audiocraft imports (they cost seconds).
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_RATE = 16000  # AudioGen's EnCodec runs at 16 kHz mono
 AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff"})  # read by libsndfile
 UNSUPPORTED_EXTS = frozenset({".m4a", ".aac", ".wma", ".mp4", ".webm", ".3gp", ".amr", ".ape", ".wv"})
@@ -45,6 +45,10 @@ LOCK_FILE = ".prepare.lock"
 WAV_SUBDIR = "wav"
 STATE_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# The shortest clip kept by default: two frames of the 16 kHz codec (50 Hz). AudioGen pads short segments and
+# audiocraft's loader keeps clips of any length, so clicks, blips and single hits are usable training data.
+MIN_SECONDS = 0.04
+PRESET_MARK = "# Written by prepare_dataset (fingerprint "  # first line of generated presets; unedited: updated
 
 JSON_TYPES = {bool: "boolean", int: "number", float: "number", dict: "object", type(None): "null"}
 REJECTED = "rejected"
@@ -72,7 +76,8 @@ FIXES: dict[str, str] = {
     "cancels_on_downmix": "The channels cancel out when mixed to mono (opposite polarity): invert one channel or "
                           "keep a single channel.",
     "clipped": "Export or record it again at a lower gain; heavily clipped audio teaches the model distortion.",
-    "too_short": "Merge it with related clips, or lower --min-seconds.",
+    "too_short": "Lower --min-seconds to keep it (the default keeps anything from 0.04 s), or merge it with "
+                 "related clips.",
     "truncated": "The file is shorter than its header says (interrupted copy?): copy it again if the tail matters.",
     "some_clipping": "Kept; use a cleaner take if you have one.",
     "over_full_scale": "Kept after scaling it down to -0.1 dBFS; nothing to do.",
@@ -104,9 +109,10 @@ class PrepareConfig:
     Args:
         dataset_dir: The user's folder (read only).
         name: Dataset name: ``egs/<name>/``, ``config/dataset/<name>.yaml``, ``data/<name>/``.
-        out_dir: Where prepared WAVs and the report go (default ``<project>/data/<name>``).
-        egs_root: Root of the manifests (default ``<project>/egs``).
-        config_root: Folder of the ``dataset`` config group (default ``<project>/config/dataset``).
+        out_dir: Where prepared WAVs and the report go (default ``<data root>/data/<name>``).
+        egs_root: Root of the manifests (default ``<data root>/egs``).
+        config_root: Folder of the ``dataset`` config group (default ``<data root>/config/dataset``); the data
+            root is ``$AUDIOGEN_HOME``, else the project clone (see :mod:`solvers.project`).
         captions: Captions CSV/JSONL; by default top-level ``*.csv``/``*.jsonl`` files of the dataset are used.
         valid_fraction: Share of source files that go to the valid split.
         workers: Worker processes; 1 converts in this process.
@@ -125,7 +131,7 @@ class PrepareConfig:
     captions: Path | None = None
     valid_fraction: float = 0.1
     workers: int = 1
-    min_seconds: float = 1.0
+    min_seconds: float = MIN_SECONDS
     max_seconds: float = 30.0
     strict: bool = False
     force: bool = False
@@ -147,7 +153,7 @@ class PrepareConfig:
         if not dataset_dir.is_dir():
             raise DatasetError(f"Dataset folder {dataset_dir} does not exist or is not a folder: pass the folder "
                                "that holds your audio (and metadata/ or captions).")
-        out_dir = Path(self.out_dir or PROJECT_ROOT / "data" / self.name).expanduser().absolute()
+        out_dir = Path(self.out_dir or data_root() / "data" / self.name).expanduser().absolute()
         real_data, real_out = os.path.realpath(dataset_dir), os.path.realpath(out_dir)
         if _is_within(real_out, real_data) or _is_within(real_data, real_out):
             raise DatasetError(f"Output folder {out_dir} and dataset folder {dataset_dir} overlap; the input must stay "
@@ -157,8 +163,8 @@ class PrepareConfig:
             raise DatasetError(f"Captions file {captions} does not exist: check the --captions path.")
         return PrepareConfig(
             dataset_dir=dataset_dir, name=self.name, out_dir=out_dir,
-            egs_root=Path(self.egs_root or PROJECT_ROOT / "egs").expanduser().absolute(),
-            config_root=Path(self.config_root or PROJECT_ROOT / "config" / "dataset").expanduser().absolute(),
+            egs_root=Path(self.egs_root or data_root() / "egs").expanduser().absolute(),
+            config_root=Path(self.config_root or user_config_dir() / "dataset").expanduser().absolute(),
             captions=captions, valid_fraction=self.valid_fraction, workers=self.workers,
             min_seconds=self.min_seconds, max_seconds=self.max_seconds, strict=self.strict, force=self.force,
             progress=self.progress)
@@ -839,30 +845,138 @@ def manifest_bytes(entries: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def preset_text(name: str, dataset_dir: Path, manifest_ref: str) -> str:
-    """Hydra preset of the ``dataset`` group for a prepared dataset.
+def read_manifest(split_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The entries of a split's manifest (``<split_dir>/data.jsonl.gz`` or ``data.jsonl``, or that file itself).
+
+    Raises:
+        DatasetError: the manifest is missing or unreadable, naming the path and how to make it.
+    """
+    path = Path(split_dir)
+    if path.is_dir():
+        path = next((path / n for n in ("data.jsonl.gz", "data.jsonl") if (path / n).is_file()), path / "data.jsonl.gz")
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as err:
+        raise DatasetError(
+            f"Cannot read the manifest {path} ({err}). Prepare the dataset with "
+            "`python -m scripts.prepare_dataset DIR --name NAME`, then pass dataset=NAME.") from err
+
+
+def manifest_captions(split_dir: str | os.PathLike, limit: int) -> list[str]:
+    """Up to ``limit`` distinct captions of a split, in manifest order, from the JSON beside each clip."""
+    captions: list[str] = []
+    for entry in read_manifest(split_dir):
+        if len(captions) >= limit:
+            break
+        try:
+            info = json.loads(Path(entry["path"]).with_suffix(".json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        text = info.get("description")
+        text = text[0] if isinstance(text, list) and text else text
+        if isinstance(text, str) and text.strip() and text not in captions:
+            captions.append(text)
+    return captions
+
+
+@dataclass
+class PresetSettings:
+    """What a prepared preset takes from the data and the machine (see :func:`preset_settings`)."""
+
+    segment_duration: float
+    num_workers: int
+    prompts: list[str]
+    sample_duration: float
+
+
+def preset_settings(durations: list[float], captions: list[str], cpus: int | None = None) -> PresetSettings:
+    """Segment length from the clips, loader workers from the machine, sample prompts from the captions.
+
+    Args:
+        durations: seconds of every prepared clip.
+        captions: distinct captions, valid split first (the sample prompts are the first four).
+        cpus: CPU count (default: this machine's).
+    """
+    longest = sorted(durations)[int(0.9 * (len(durations) - 1))] if durations else 10.0
+    # 90 % of clips fit a segment (rounded up to 0.5 s), between 1 s and the 10 s AudioGen was trained on.
+    segment = min(10.0, max(1.0, math.ceil(longest * 2) / 2))
+    cpus = cpus or os.cpu_count() or 1
+    # Worker processes cost a fork and memory each; on 1-2 cores reading in the training process is faster.
+    workers = 0 if cpus <= 2 else min(8, cpus // 2)
+    return PresetSettings(segment, workers, captions[:4], segment)
+
+
+def _yaml_string(text: str) -> str:
+    """A YAML double-quoted scalar that OmegaConf won't interpolate."""
+    return json.dumps(text.replace("${", "\\${"), ensure_ascii=False)
+
+
+def preset_text(name: str, dataset_dir: Path, manifest_ref: str, settings: PresetSettings) -> str:
+    """Hydra preset of the ``dataset`` group for a prepared dataset, without its two header lines.
 
     Args:
         name: Dataset name.
         dataset_dir: The user's folder (written in the header only).
-        manifest_ref: ``egs/<name>`` relative to the project root, or an absolute folder.
+        manifest_ref: ``egs/<name>`` relative to the data root, or an absolute folder.
+        settings: values taken from the data and the machine.
     """
-    return f"""# @package __global__
-# Dataset preset written by scripts/prepare_dataset.py for {dataset_dir}.
-# Run: dora run solver=audiogen/train dataset={name}
+    s = settings
+    prompts = "\n".join(f"    - {_yaml_string(p)}" for p in s.prompts) or "    []"
+    return f"""# Dataset preset for {dataset_dir}.
+# Run: dora run solver=audiogen/tiny dataset={name}      (the tiny stand-in, on a CPU)
+#      dora run solver=audiogen/train dataset={name}     (facebook/audiogen-medium, on a GPU)
 datasource:
   max_sample_rate: 16000
   max_channels: 1
-  train: {manifest_ref}/train       # relative paths are resolved against the project root, whatever Hydra's cwd is
+  train: {manifest_ref}/train       # relative paths are resolved against the data root, whatever Hydra's cwd is
   valid: {manifest_ref}/valid
   evaluate: null
   generate: null         # samples come from generate.prompts, not from the data
 dataset:
-  segment_duration: 10   # seconds per training example; AudioGen was trained on 10 s
+  segment_duration: {s.segment_duration:g}  # seconds per example: 90 % of these clips fit; shorter ones are padded
   batch_size: 8          # clips per micro-batch; x optim.grad_accum_steps = clips per update
-  num_workers: 4         # data loader processes; not part of the experiment signature
-  min_segment_ratio: 0.5 # keep clips at least half a segment long (shorter ones are padded)
+  num_workers: {s.num_workers}         # loader processes for this machine ({os.cpu_count()} CPUs); not in the signature
+  min_segment_ratio: 0.5 # a random offset keeps at least half a segment of a long clip in view
+  valid:
+    num_samples: null    # one segment of every valid clip
+generate:
+  duration: {s.sample_duration:g}          # seconds per sample, like the training segments
+  prompts:               # samples after each epoch: captions of your valid clips (edit freely)
+{prompts}
 """
+
+
+PACKAGE_LINE = "# @package __global__\n"  # Hydra reads it only on the first line
+
+
+def _preset_file(body: str) -> str:
+    return f"{PACKAGE_LINE}{PRESET_MARK}{_hash_text(body)}; an edited preset is kept on re-runs)\n{body}"
+
+
+def _is_unedited(text: str) -> bool:
+    """True for a preset written by prepare_dataset and not changed since (its fingerprint still matches)."""
+    if not text.startswith(PACKAGE_LINE):
+        return False
+    mark, _, body = text[len(PACKAGE_LINE):].partition("\n")
+    return mark.startswith(PRESET_MARK) and mark[len(PRESET_MARK):].startswith(_hash_text(body) + ";")
+
+
+def write_preset(path: Path, body: str, force: bool) -> tuple[str, str | None]:
+    """Write a dataset preset unless the user edited the existing one; returns (action, note or None)."""
+    text = _preset_file(body)
+    old = path.read_text(encoding="utf-8", errors="replace") if path.exists() else None
+    if old == text:
+        return "unchanged", None
+    if old is None or force or _is_unedited(old):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, text.encode("utf-8"))
+        return ("written" if old is None else "overwritten (--force)" if force and not _is_unedited(old)
+                else "updated"), None
+    return ("kept: you edited it; --force replaces it",
+            f"{path} was edited by hand and was kept; compare it with what this run would write (segments, prompts) "
+            "or pass --force to replace it.")
 
 
 def _histogram(durations: list[float]) -> list[dict[str, Any]]:
@@ -874,8 +988,18 @@ def _histogram(durations: list[float]) -> list[dict[str, Any]]:
     return rows
 
 
+def _issue_groups(issues: list[dict[str, Any]]) -> list[tuple[str, str, str, list[dict[str, Any]]]]:
+    """Issues grouped by (status, code): rejected first, the biggest groups first; each with its one fix."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for issue in issues:
+        groups.setdefault((issue["status"], issue["code"]), []).append(issue)
+    order = {REJECTED: 0, FLAGGED: 1, INFO: 2}
+    keys = sorted(groups, key=lambda k: (order.get(k[0], 3), -len(groups[k]), k[1]))
+    return [(status, code, groups[(status, code)][0]["fix"], groups[(status, code)]) for status, code in keys]
+
+
 def format_report_text(report: dict[str, Any]) -> str:
-    """Human-readable version of ``report.json``."""
+    """Human-readable version of ``report.json``: totals, durations, then problems grouped by reason."""
     t = report["totals"]
     lines = [
         f"Dataset preparation report: {report['name']}",
@@ -900,38 +1024,51 @@ def format_report_text(report: dict[str, Any]) -> str:
     for note in report["notes"]:
         lines.append(f"Note: {note}")
     lines.append("")
-    if report["issues"]:
-        lines.append(f"{len(report['issues'])} rejected / flagged / info rows:")
-        for i in report["issues"]:
-            lines.append(f"[{i['status'].upper()}] {i['path']}: {i['code']}: {i['reason']}")
-            if i["fix"]:
-                lines.append(f"    fix: {i['fix']}")
-    else:
+    if not report["issues"]:
         lines.append("No problems found.")
-    return "\n".join(lines) + "\n"
+    for status, code, fix, rows in _issue_groups(report["issues"]):
+        lines.append(f"[{status.upper()}] {code}: {len(rows)} file(s)")
+        if fix:
+            lines.append(f"  fix: {fix}")
+        lines += [f"  - {i['path']}: {i['reason']}" for i in rows]
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def next_commands(name: str) -> list[str]:
+    """What to run after preparing ``name``: the tiny stand-in on a CPU, or medium on a GPU."""
+    from .project import outputs_dir
+
+    lines = ["Next, on this CPU with the tiny stand-in model (a few minutes):"]
+    if not (outputs_dir() / "pretrained" / "tiny").is_dir():
+        lines.append("  python -m scripts.make_tiny_package")
+    lines += [f"  dora run solver=audiogen/tiny dataset={name}",
+              "On a GPU, fine-tune facebook/audiogen-medium (README: which preset for which GPU):",
+              f"  dora run solver=audiogen/train dataset={name}"]
+    return lines
 
 
 def format_summary(report: dict[str, Any]) -> str:
-    """The few lines printed on stdout after a run."""
+    """The few lines printed on stdout after a run: totals, where things are, rejections by reason, next steps."""
     t = report["totals"]
+    preset = report["preset"]
     lines = [
         f"Prepared '{report['name']}' from {report['dataset_dir']} ({report['layout']}).",
         f"  {t['audio_files']} audio files: {t['kept_files']} kept ({t['flagged_files']} flagged), "
         f"{t['rejected_files']} rejected; converted {t['converted']}, unchanged {t['unchanged']}.",
         f"  {t['clips']} clips, {t['hours']:.3f} h: train {t['train_clips']}, valid {t['valid_clips']}.",
         f"  manifests: {report['manifests']['train']}, {report['manifests']['valid']}",
-        f"  preset:    {report['preset']['path']} ({report['preset']['action']})",
+        f"  preset:    {preset['path']} ({preset['action']}; {preset['segment_duration']:g} s segments, "
+        f"{preset['num_workers']} loader workers, samples of {len(preset['prompts'])} of your captions)",
         f"  report:    {Path(report['out_dir']) / 'report.txt'}",
     ]
-    by_code: dict[str, int] = {}
-    for i in report["issues"]:
-        if i["status"] == REJECTED:
-            by_code[i["code"]] = by_code.get(i["code"], 0) + 1
-    if by_code:
-        lines.append("  rejections: " + ", ".join(f"{c} x{n}" for c, n in sorted(by_code.items())))
+    for status, code, fix, rows in _issue_groups(report["issues"]):
+        if status == REJECTED:
+            example = rows[0]["path"] + (f" and {len(rows) - 1} more" if len(rows) > 1 else "")
+            lines.append(f"  rejected {code} x{len(rows)} ({example}): {fix}")
     lines += [f"  note: {n}" for n in report["notes"]]
     if t["kept_files"]:
-        lines.append(f"Next: dora run solver=audiogen/train dataset={report['name']}")
+        lines += next_commands(report["name"])
     return "\n".join(lines)
 
 
@@ -1069,24 +1206,18 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
             manifests[split] = str(target)
 
         notes = []
-        project = str(PROJECT_ROOT.resolve())
+        root = str(data_root())
         real_egs = os.path.realpath(egs_dir)
-        ref = (Path(os.path.relpath(real_egs, project)).as_posix() if _is_within(real_egs, project) else real_egs)
+        ref = (Path(os.path.relpath(real_egs, root)).as_posix() if _is_within(real_egs, root) else real_egs)
         preset_path = Path(cfg.config_root) / f"{cfg.name}.yaml"  # type: ignore[arg-type]
-        text = preset_text(cfg.name, Path(cfg.dataset_dir), ref)  # type: ignore[arg-type]
-        if not preset_path.exists():
-            preset_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(preset_path, text.encode("utf-8"))
-            action = "written"
-        elif preset_path.read_text(encoding="utf-8", errors="replace") == text:
-            action = "unchanged"
-        elif cfg.force:
-            atomic_write(preset_path, text.encode("utf-8"))
-            action = "overwritten (--force)"
-        else:
-            action = "kept existing file, which differs; --force overwrites it"
-            notes.append(f"{preset_path} exists with different content and was kept; check that it points at "
-                         f"{ref}/{{train,valid}}, or pass --force to overwrite it.")
+        durations = [o["duration"] for r in kept.values() for o in r["outputs"]]
+        captions = manifest_captions(egs_dir / "valid", 4) if entries["valid"] else []
+        captions += [c for c in manifest_captions(egs_dir / "train", 4) if c not in captions]
+        settings = preset_settings(durations, captions)
+        body = preset_text(cfg.name, Path(cfg.dataset_dir), ref, settings)  # type: ignore[arg-type]
+        action, note = write_preset(preset_path, body, cfg.force)
+        if note:
+            notes.append(note)
 
         # Compact the journal to the current sources.
         atomic_write(state_path, b"".join((json.dumps(records[r]) + "\n").encode("utf-8") for r in sorted(records)))
@@ -1097,13 +1228,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         # Audio files only, so that kept + rejected == found; rejected captions rows and folders are counted apart.
         rejected = {p for p in rejected_all if Path(p).suffix.lower() in AUDIO_EXTS | UNSUPPORTED_EXTS}
         flagged = {i.path for i in issues if i.status == FLAGGED} & set(kept)
-        durations = [o["duration"] for r in kept.values() for o in r["outputs"]]
         split_hours = {s: sum(e["duration"] for e in rows) / 3600 for s, rows in entries.items()}
         if len(kept) == 1:
             notes.append("Only one usable file: the valid split is empty. Add more files.")
-        if durations and sorted(durations)[len(durations) // 2] < 5:
-            notes.append(f"Median clip is {sorted(durations)[len(durations) // 2]:.1f} s: consider a shorter "
-                         "dataset.segment_duration (the preset uses 10 s; shorter clips are padded).")
         report = {
             "name": cfg.name,
             "dataset_dir": str(cfg.dataset_dir),
@@ -1129,7 +1256,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
             "histogram": _histogram(durations),
             "splits": {rel: splits[rel] for rel in sorted(splits)},
             "manifests": manifests,
-            "preset": {"path": str(preset_path), "action": action},
+            "preset": {"path": str(preset_path), "action": action, **asdict(settings)},
             "notes": notes,
             "issues": [asdict(i) for i in issues],
         }

@@ -57,6 +57,12 @@ def resolve(name_or_path: str | os.PathLike, base_dir: str | os.PathLike | None 
     path = Path(text).expanduser()
     if not path.is_absolute():
         path = Path(base_dir or os.getcwd()) / path
+    if not path.is_dir() and _is_local_name(text):
+        path = local_packages_dir() / text
+        if not path.is_dir():
+            hint = ("build it with `python -m scripts.make_tiny_package` (`make demo` does it)" if text == 'tiny'
+                    else "export one there with `python -m scripts.export`, or pass an HF id or a directory")
+            raise PackageError(f"The pretrained package '{text}' is not built: expected it in {path}; {hint}.")
     if path.is_dir():
         missing = [f for f in (LM_FILE, COMPRESSION_FILE) if not (path / f).is_file()]
         if missing:
@@ -70,6 +76,17 @@ def resolve(name_or_path: str | os.PathLike, base_dir: str | os.PathLike | None 
     raise PackageError(
         f"Pretrained package not found: '{text}' (looked for the directory {path}). Pass an HF id such as "
         f"facebook/audiogen-medium or a directory containing {LM_FILE} and {COMPRESSION_FILE}.")
+
+
+def local_packages_dir() -> Path:
+    """Where packages named by a bare name (``pretrained=tiny``) live: ``<outputs>/pretrained/``."""
+    from .project import outputs_dir
+    return outputs_dir() / 'pretrained'
+
+
+def _is_local_name(text: str) -> bool:
+    """A bare package name such as ``tiny``: no path separator, not an HF id."""
+    return bool(re.fullmatch(r'[A-Za-z0-9][\w.-]*', text)) and text not in ('.', '..')
 
 
 def is_hub_id(name: str) -> bool:

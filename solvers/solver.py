@@ -29,10 +29,10 @@ from audiocraft.solvers import builders
 from audiocraft.solvers.audiogen import AudioGenSolver
 from audiocraft.utils import checkpoint
 from audiocraft.utils.utils import get_dataset_from_loader
-from flashy.loggers.tensorboard import TensorboardLogger
 
-from . import audio_io, package, project
+from . import audio_io, dataprep, package, project
 from . import checkpoints as ckpt
+from . import tensorboard as tb_curves
 from .checkpoints import omegaconf_safe_globals
 
 logger = logging.getLogger(__name__)
@@ -76,11 +76,12 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         _resolve_precision(cfg)
         self._bad_steps = 0
         self.rng = ckpt.RNGState(self._private_generators)
-        self._resume: dict | None = None  # mid-epoch position restored from a step checkpoint
+        self.position = ckpt.EpochPosition()  # where the current epoch stands, for step checkpoints
         self._stop_signal: int | None = None  # a preemption/timeout signal waiting for the next update boundary
+        self._epochs_run = 0  # epochs trained by this process (0 after a re-run of a finished XP)
         super().__init__(cfg)
         # RNG states make resume exact: the next epoch sees the same data order and dropout draws.
-        self.register_stateful('rng')
+        self.register_stateful('rng', 'position')
 
     # ---------------------------------------------------------------- model
     def build_model(self) -> None:
@@ -145,7 +146,12 @@ class AudioGenFinetuneSolver(AudioGenSolver):
 
     # ---------------------------------------------------------------- data
     def build_dataloaders(self) -> None:
-        """audiocraft's loaders, with the train loader grouped into micro-batches for accumulation."""
+        """audiocraft's loaders, with the train loader grouped into micro-batches for accumulation.
+
+        Splits other than train with ``num_samples: null`` read one segment of every clip of their manifest, in
+        manifest order: audiocraft's AudioDataset needs a number (``len(loader)`` fails on None) and otherwise draws
+        files at random, with replacement.
+        """
         accum = self.cfg.optim.grad_accum_steps
         if accum < 1:
             raise ValueError(f"optim.grad_accum_steps must be >= 1, got {accum}.")
@@ -154,7 +160,16 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             # Sample exactly the segments an epoch consumes (random files and offsets), whatever the dataset size.
             train.num_samples = (flashy.distrib.world_size() * self.cfg.dataset.batch_size * accum
                                  * self.cfg.optim.updates_per_epoch)
+        covered = []
+        for split in ('valid', 'evaluate', 'generate'):
+            path = self.cfg.datasource.get(split)
+            if isinstance(path, str) and self.cfg.dataset[split].num_samples is None:
+                self.cfg.dataset[split].num_samples = len(dataprep.read_manifest(path))
+                covered.append(split)
         super().build_dataloaders()
+        for split in covered:
+            if split in self.dataloaders:
+                _read_every_clip_once(get_dataset_from_loader(self.dataloaders[split]))
         if 'train' in self.dataloaders:
             self.dataloaders['train'] = MicroBatches(self.dataloaders['train'], accum)  # type: ignore[assignment]
 
@@ -169,6 +184,11 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if self._epochs_run == 0 and self.epoch > self.cfg.optim.epochs:
+            self.logger.info(
+                "XP %s is complete: it trained all %d epochs before (%s). Nothing to do. To train on from its best "
+                "weights, start a new XP with continue_from=//sig/%s (and e.g. optim.epochs=N).",
+                self.xp.sig, self.cfg.optim.epochs, self.folder, self.xp.sig)
 
     def _on_stop_signal(self, signum: int, frame: tp.Any) -> None:
         name = signal.Signals(signum).name
@@ -189,28 +209,54 @@ class AudioGenFinetuneSolver(AudioGenSolver):
 
     def commit(self, save_checkpoints: bool = True) -> None:
         """audiocraft's commit (history + checkpoints), then honour a pending stop signal."""
+        self.position.reset()  # the epoch is complete: its checkpoint resumes at the start of the next one
         super().commit(save_checkpoints)
+        self._epochs_run += 1
         self._stop_if_signalled(f'epoch {self.epoch - 1} is checkpointed')
+
+    def run_stage(self, stage_name: str, method: tp.Callable, *args: tp.Any, **kwargs: tp.Any) -> dict:
+        """flashy's run_stage; when a stage after training fails, the epoch's trained updates are saved first.
+
+        audiocraft saves checkpoints only at the end of an epoch, after valid/evaluate/generate: a crash in those
+        stages would throw the whole epoch of training away. A step checkpoint marked "training done" makes the
+        re-run go straight back to the failed stage.
+        """
+        try:
+            return super().run_stage(stage_name, method, *args, **kwargs)
+        except Exception:
+            done = self.train_updates_per_epoch and self.position.update >= self.train_updates_per_epoch
+            if stage_name != 'train' and done and flashy.distrib.is_rank_zero():
+                self._save_step_checkpoint()
+                self.logger.error(
+                    "The %s stage of epoch %d failed (error below). The epoch's %d trained updates are saved in %s: "
+                    "fix the cause, then re-run the same command to resume from there.", stage_name, self.epoch,
+                    self.position.update, self.folder / 'checkpoint_step.th')
+            raise
 
     # ---------------------------------------------------------------- train loop
     def train(self) -> dict:
         """One epoch of updates, resumable mid-epoch from a step checkpoint (same data, same RNG draws, same means).
 
         audiocraft's `common_train_valid` keeps its position and running means in locals; this loop keeps them in
-        state a step checkpoint can hold. Valid/evaluate still use audiocraft's loop.
+        `self.position`, registered state that a step checkpoint holds. Valid/evaluate still use audiocraft's loop.
         """
         loader = self.dataloaders['train']
         get_dataset_from_loader(loader).current_epoch = self.epoch  # seeds segment sampling per epoch
         if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
             loader.sampler.set_epoch(self.epoch)
         self.model.train()
-        resume, self._resume = self._resume, None
-        epoch_rng = resume['epoch_rng'] if resume else self.rng.state_dict()
-        if resume:
-            self.rng.load_state_dict(epoch_rng)  # the loader draws its order and worker seeds from it
-        start = resume['update'] if resume else 0
-        average = ckpt.RunningMean(resume['average'] if resume else None)
-        updates = self.train_updates_per_epoch
+        position, updates = self.position, self.train_updates_per_epoch
+        start = position.update
+        if start:
+            assert position.epoch_rng is not None and position.rng is not None
+            self.logger.info("Resuming epoch %d at update %d of %d.", self.epoch, start, updates)
+            self.rng.load_state_dict(position.epoch_rng)  # the loader draws its order and worker seeds from it
+        else:
+            position.epoch_rng = self.rng.state_dict()
+        average = ckpt.RunningMean(position.average if start else None)
+        if start >= updates:  # this epoch's training is done; a later stage failed last time
+            self.rng.load_state_dict(position.rng)  # type: ignore[arg-type]
+            return flashy.distrib.average_metrics(average.value, updates)
         every = self.cfg.checkpoint.save_every_updates
         lp = self.log_progress('train', loader, total=updates, updates=self.log_updates)
         instant = ckpt.RunningMean()
@@ -220,22 +266,35 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                     break
                 if idx < start:
                     continue  # already trained before the interruption: only the data is replayed
-                if resume and idx == start:
-                    self.rng.load_state_dict(resume['rng'])
-                    self._bad_steps = resume['bad_steps']
+                if idx == start and start:
+                    self.rng.load_state_dict(position.rng)  # type: ignore[arg-type]
+                    self._bad_steps = position.bad_steps
                 metrics = self.run_step(idx, batch, {})
-                if self.ema is not None and (idx + 1) % self.cfg.optim.ema.updates == 0:
-                    self.ema.step()
+                self._step_ema(idx)
                 self.profiler.step()
                 if lp.update(**instant.update(metrics)):
                     instant = ckpt.RunningMean()
                 average.update(metrics)
+                position.update, position.average, position.bad_steps = idx + 1, average.state_dict(), self._bad_steps
                 stop = self._stop_signal is not None and idx + 1 < updates
                 if stop or (every and (idx + 1) % every == 0 and idx + 1 < updates):
-                    self._save_step_checkpoint(idx + 1, epoch_rng, average)
+                    self._save_step_checkpoint()
                 if stop:
                     self._stop_if_signalled(f'update {idx + 1} of epoch {self.epoch} is checkpointed')
         return flashy.distrib.average_metrics(average.value, updates)
+
+    def _step_ema(self, idx: int) -> None:
+        """Step the EMA every `optim.ema.updates` updates of the run, and after its very first update.
+
+        audiocraft's unbiased EMA takes the weights whole at its first step; stepping it after update 1 means the
+        EMA (which samples, best state and exports use) never silently equals the untrained base weights, even in
+        a run shorter than the EMA period.
+        """
+        if self.ema is None:
+            return
+        update = (self.epoch - 1) * self.train_updates_per_epoch + idx + 1
+        if update == 1 or update % self.cfg.optim.ema.updates == 0:
+            self.ema.step()
 
     # ---------------------------------------------------------------- step
     def run_step(self, idx: int, batch: tp.Any, metrics: dict) -> dict:
@@ -312,23 +371,36 @@ class AudioGenFinetuneSolver(AudioGenSolver):
     def _log_update(self, idx: int, metrics: dict) -> None:
         """Per-update TensorBoard points, so curves show more than one value per epoch."""
         tb = self._tensorboard()
-        if tb is None or tb.writer is None or not flashy.distrib.is_rank_zero():
+        if tb is None or not flashy.distrib.is_rank_zero():
             return
-        step = (self.epoch - 1) * self.train_updates_per_epoch + idx + 1
-        for key in ('ce', 'ppl', 'lr', 'grad_norm', 'tokens_per_s', 'mem_gb', 'skipped'):
-            if key in metrics:
-                value = metrics[key]
-                tb.writer.add_scalar(f'train_update/{key}', float(value), step)
+        keys = ('ce', 'ppl', 'lr', 'grad_norm', 'tokens_per_s', 'mem_gb', 'skipped', 'grad_scale')
+        tb.log_update({key: metrics[key] for key in keys if key in metrics},
+                      (self.epoch - 1) * self.train_updates_per_epoch + idx + 1)
 
-    def _tensorboard(self) -> TensorboardLogger | None:
-        """flashy's TensorBoard logger (it keeps its loggers in a private dict), or None when disabled."""
-        return tp.cast('TensorboardLogger | None', self.result_logger._experiment_loggers.get('tensorboard'))
+    def init_tensorboard(self, **kwargs: tp.Any) -> None:
+        """One TensorBoard run per XP, with ce/ppl curves first (see solvers/tensorboard.py).
+
+        Args:
+            kwargs: the `tensorboard` config: ``with_media_logging`` (also log the audio samples) and ``name`` (the
+                run's name in ``<outputs>/tensorboard/``, default ``<dataset>_<sig>``).
+        """
+        with_media_logging, name = kwargs.get('with_media_logging', True), kwargs.get('name')
+        folder = self.folder / 'tensorboard'
+        folder.mkdir(parents=True, exist_ok=True)
+        logger = tb_curves.CurvesLogger(folder, lambda: self.train_updates_per_epoch, with_media_logging)
+        self.result_logger._experiment_loggers['tensorboard'] = logger
+        if flashy.distrib.is_rank_zero():
+            tb_curves.link_run(folder, project.outputs_dir(), name or tb_curves.run_name(self.cfg, self.xp.sig))
+
+    def _tensorboard(self) -> tb_curves.CurvesLogger | None:
+        """Our TensorBoard logger (flashy keeps its loggers in a private dict), or None when disabled."""
+        return tp.cast('tb_curves.CurvesLogger | None', self.result_logger._experiment_loggers.get('tensorboard'))
 
     # ---------------------------------------------------------------- samples
     @torch.no_grad()
     def generate(self) -> dict:
-        """Generate the configured prompts with the current (EMA/best) weights; write and log -14 LUFS WAVs."""
-        prompts = list(self.cfg.generate.prompts or [])
+        """Generate the sample prompts with the current (EMA/best) weights; write and log -14 LUFS WAVs."""
+        prompts = self.sample_prompts()
         if not prompts:
             return {}
         self.model.eval()
@@ -360,6 +432,22 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         if finite:
             metrics['lufs'] = sum(finite) / len(finite)
         return metrics
+
+    def sample_prompts(self) -> list[str]:
+        """`generate.prompts`, or else the first `generate.prompts_from_dataset` distinct captions of the valid
+        split (then train): samples that speak of the user's own sounds."""
+        if self.cfg.generate.prompts:
+            return [str(p) for p in self.cfg.generate.prompts]
+        if not hasattr(self, '_dataset_prompts'):
+            wanted = int(self.cfg.generate.get('prompts_from_dataset') or 0)
+            found: list[str] = []
+            for split in ('valid', 'train'):
+                path = self.cfg.datasource.get(split)
+                if isinstance(path, str) and len(found) < wanted:
+                    found += [c for c in dataprep.manifest_captions(path, wanted) if c not in found]
+            self._dataset_prompts = found[:wanted]
+            self.logger.info("Sample prompts from the dataset's captions: %s", self._dataset_prompts)
+        return self._dataset_prompts
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -413,7 +501,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                 errors.append(str(err))
                 self.logger.warning("%s Trying an older checkpoint.", err)
                 continue
-            position = state.get('position') or {}
+            update = (state.get('position') or {}).get('update', 0)
             if path.name == 'checkpoint_step.th' and len(state['history']) < self._last_epoch_on_disk(candidates):
                 continue  # a step checkpoint older than the last epoch checkpoint
             if errors:
@@ -422,11 +510,8 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             self._check_complete(state, path)
             for key in self.cfg.checkpoint.reset:
                 state.pop(key, None)
-            state.pop('position', None)
-            if position:
-                self._resume = position
-                self.logger.info("Resuming epoch %d at update %d from %s", len(state['history']) + 1,
-                                 position['update'], path)
+            if update:
+                self.logger.info("Resuming epoch %d at update %d from %s", len(state['history']) + 1, update, path)
             else:
                 self.logger.info("Loading existing checkpoint: %s", path)
             return state
@@ -451,7 +536,9 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         if unknown:
             raise ValueError(f"checkpoint.reset names unknown parts {sorted(unknown)}; "
                              f"choose among {sorted(self.stateful.sources)}.")
-        required = {name for name in self.stateful.sources if name not in ('xp.cfg', 'xp.sig', 'fsdp_best_state')}
+        # `position` is absent from checkpoints written before it was registered: they hold whole epochs.
+        optional = ('xp.cfg', 'xp.sig', 'fsdp_best_state', 'position')
+        required = {name for name in self.stateful.sources if name not in optional}
         if self.ema is None:
             required.discard('ema')
         missing = sorted(required - set(state) - reset)
@@ -462,11 +549,28 @@ class AudioGenFinetuneSolver(AudioGenSolver):
 
     def save_checkpoints(self) -> None:
         """Atomically write the last checkpoint, the best one on a new best, and epoch checkpoints every
-        `save_every` epochs, keeping exactly `keep_last` of those; then drop the step checkpoint of the epoch."""
+        `save_every` epochs, keeping exactly `keep_last` of those; then drop the step checkpoint of the epoch.
+
+        A full disk stops the run with what was kept and how to resume (the writes are atomic: the previous files
+        are intact).
+        """
         if not flashy.distrib.is_rank_zero():
             return
-        state = self.state_dict()
         epoch = self.epoch - 1  # commit() already appended this epoch to the history
+        try:
+            self._write_checkpoints(epoch)
+        except (OSError, RuntimeError) as err:
+            if not ckpt.is_disk_full(err, self.folder):
+                raise
+            raise ckpt.CheckpointError(
+                f"The disk holding {self.folder} is full: saving epoch {epoch} failed ({ckpt.first_line(err)}). "
+                f"{ckpt.describe_kept(self.folder)} Free some space (a checkpoint of this XP takes about "
+                f"{ckpt.size_text(self.checkpoint_path())}), then re-run the same command: it resumes from there."
+            ) from err
+        self.logger.info("Checkpoint saved to %s (epoch %d)", self.checkpoint_path(), epoch)
+
+    def _write_checkpoints(self, epoch: int) -> None:
+        state = self.state_dict()
         folder = self.folder
         if self.cfg.checkpoint.save_every and epoch % self.cfg.checkpoint.save_every == 0:
             ckpt.atomic_save(state, self.epoch_checkpoint_path(epoch))
@@ -481,18 +585,14 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         if self.cfg.checkpoint.save_last:
             ckpt.atomic_save(state, self.checkpoint_path())
         ckpt.remove(folder / 'checkpoint_step.th')
-        self.logger.info("Checkpoint saved to %s (epoch %d)", self.checkpoint_path(), epoch)
 
-    def _save_step_checkpoint(self, update: int, epoch_rng: dict, average: ckpt.RunningMean) -> None:
-        """A mid-epoch checkpoint: the full state plus where the epoch stands."""
+    def _save_step_checkpoint(self) -> None:
+        """A mid-epoch checkpoint: the full state, `position` included (where the epoch stands)."""
         if not flashy.distrib.is_rank_zero():
             return
-        state = self.state_dict()
-        state['position'] = {'update': update, 'epoch_rng': epoch_rng, 'rng': state['rng'],
-                             'average': average.state_dict(), 'bad_steps': self._bad_steps}
-        ckpt.atomic_save(state, self.folder / 'checkpoint_step.th')
-        self.logger.info("Step checkpoint at epoch %d update %d", self.epoch, update)
-
+        self.position.rng = self.rng.state_dict()
+        ckpt.atomic_save(self.state_dict(), self.folder / 'checkpoint_step.th')
+        self.logger.info("Step checkpoint at epoch %d update %d", self.epoch, self.position.update)
 
 def _continue_source(value: str, pretrained: str) -> str:
     """Resolve ``continue_from`` (//sig/<sig>, an XP folder, a checkpoint or a package) for load_from_pretrained."""
@@ -512,6 +612,19 @@ def _continue_source(value: str, pretrained: str) -> str:
     raise FileNotFoundError(
         f"continue_from={text}: no checkpoint at {path}. Use //sig/<signature> of a past XP, an XP folder, a "
         "checkpoint file or a pretrained package.")
+
+
+def _read_every_clip_once(dataset: tp.Any) -> None:
+    """Make segment ``i`` of an evaluation split come from clip ``i`` (a random offset inside it, seeded by ``i``).
+
+    audiocraft's AudioDataset.sample_file draws a random file for every segment, so a valid pass of N segments skips
+    some clips and reads others twice; a fixed assignment measures every clip, the same way at every epoch.
+    """
+    meta = dataset.meta
+
+    def sample_file(index: int, rng: torch.Generator) -> tp.Any:
+        return meta[index % len(meta)]
+    dataset.sample_file = sample_file
 
 
 def _plain_dicts(obj: tp.Any) -> tp.Any:

@@ -1,7 +1,8 @@
 """Dora/Hydra entry point: `dora run solver=audiogen/train dataset=<name>` (or `dora grid`, `dora launch`).
 
 Seeds, logging, distributed init, then builds the fine-tuning solver and runs it. `get_solver_from_sig` rebuilds a
-solver from a past XP for notebooks and the export/generate scripts.
+solver from a past XP for notebooks and the export/generate scripts. Mistakes a user can fix (an unknown key or
+preset, a missing dataset or package, no GPU for device=cuda, a full disk) end the run with one line, not a traceback.
 """
 from __future__ import annotations
 
@@ -10,37 +11,49 @@ import multiprocessing
 import os
 import random
 import typing as tp
-import warnings
 
 import flashy
 import omegaconf
-from dora import XP, hydra_main
+from dora import XP
+from dora.hydra import HydraMain
 
+from . import project
+from .errors import AudiogenError
 from .project import outputs_dir, resolve_path
 from .slurm import slurm_parameters
 
+project.quiet_dependencies()
+project.install_error_hook()
 logger = logging.getLogger(__name__)
-# Dora composes configs with version_base 1.1 (audiocraft's semantics: Hydra runs inside the XP folder); Hydra warns
-# about that on every composition, which buries the training log.
-warnings.filterwarnings('ignore', message='.*version_base="1.1" selects Hydra 1.1 compatibility.*')
 
 
 def get_solver(cfg: omegaconf.DictConfig):
-    """Build the solver: split the batch across ranks and make relative data/package paths absolute."""
+    """Build the solver: check the device and data, split the batch across ranks, make data paths absolute."""
+    import torch
+
+    from .dataprep import read_manifest
     from .solver import AudioGenFinetuneSolver
+    if str(cfg.device).startswith('cuda') and not torch.cuda.is_available():
+        raise AudiogenError(
+            f"device={cfg.device}, but torch sees no CUDA GPU on this machine. Run on a GPU machine (or on SLURM, "
+            "docs/cluster.md); on a CPU, train the tiny stand-in on your data with `dora run solver=audiogen/tiny "
+            "dataset=NAME`.")
     world = flashy.distrib.world_size()
     if cfg.dataset.batch_size % world:
-        raise ValueError(f"dataset.batch_size={cfg.dataset.batch_size} must be divisible by the {world} processes.")
+        raise AudiogenError(
+            f"dataset.batch_size={cfg.dataset.batch_size} must be divisible by the {world} processes.")
     cfg.dataset.batch_size //= world
     if not cfg.datasource.train or not cfg.datasource.valid:
-        raise ValueError(
+        raise AudiogenError(
             "No dataset chosen: datasource.train/valid are empty. Prepare your sounds with "
-            "`python scripts/prepare_dataset.py DIR --name NAME`, then add dataset=NAME to the command "
+            "`python -m scripts.prepare_dataset DIR --name NAME`, then add dataset=NAME to the command "
             "(dataset=demo after `make demo`).")
     # Hydra runs us inside the XP folder, so relative manifest paths must not depend on the cwd.
     for split, path in cfg.datasource.items():
         if isinstance(path, str):
             cfg.datasource[split] = str(resolve_path(path))
+            if split in ('train', 'valid'):
+                read_manifest(cfg.datasource[split])  # a missing manifest is a one-line error, before any loading
     return AudioGenFinetuneSolver(cfg)
 
 
@@ -74,23 +87,36 @@ def init_seed_and_system(cfg: omegaconf.DictConfig) -> None:
     set_efficient_attention_backend(cfg.efficient_attention_backend)
 
 
-@hydra_main(config_path='../config', config_name='config', version_base='1.1')
-def main(cfg: omegaconf.DictConfig):
+class _Main(HydraMain):
+    """Dora's Hydra main, with configuration mistakes explained in one line (see `project.explain_config_error`)."""
+
+    def _get_config_noinit(self, overrides: list[str] = []) -> omegaconf.DictConfig:  # noqa: B006 (dora's)
+        return project.compose_or_explain(lambda: super(_Main, self)._get_config_noinit(overrides), overrides)
+
+
+def _train(cfg: omegaconf.DictConfig) -> tp.Any:
+    """The job Dora runs in the XP folder: set up, build the solver, run it (or one stage of it)."""
     init_seed_and_system(cfg)
     log_name = f'{cfg.execute_only}.log.{{rank}}' if cfg.execute_only else 'solver.log.{rank}'
     flashy.setup_logging(level=logging.getLevelName(str(cfg.logging.level).upper()), log_name=log_name)
-    flashy.distrib.init(backend='nccl' if str(cfg.device).startswith('cuda') else 'gloo')  # gloo: CPU processes
-    solver = get_solver(cfg)
-    if cfg.show:
-        solver.show()
-        return
-    if cfg.execute_only:
-        solver.restore(replay_metrics=False)
-        solver.run_one_stage(cfg.execute_only)
-        return
-    return solver.run()
+    try:
+        flashy.distrib.init(backend='nccl' if str(cfg.device).startswith('cuda') else 'gloo')  # gloo: CPU processes
+        solver = get_solver(cfg)
+        if cfg.show:
+            solver.show()
+            return
+        if cfg.execute_only:
+            solver.restore(replay_metrics=False)
+            solver.run_one_stage(cfg.execute_only)
+            return
+        return solver.run()
+    except AudiogenError as err:
+        logger.error("%s", err)  # one line, in the XP's solver.log too
+        raise SystemExit(2) from None
 
 
+_train.__name__ = 'main'  # Dora pickles the main for SLURM as <module>.<function name> (dora.main._load_main)
+main = _Main(_train, config_name='config', config_path='../config', version_base='1.1')
 main.dora.dir = outputs_dir()
 main._base_cfg.slurm = slurm_parameters(main._base_cfg.slurm)
 

@@ -92,6 +92,9 @@ def build_fuzz_corpus(root: Path, outside: Path) -> tuple[set[str], dict[str, st
     good.add("audio/mismatch.wav")
     expect["audio/mismatch.wav"] = "duration_mismatch"
     expect["audio/mismatch.wav#sr"] = "sample_rate_mismatch"
+    # Short sounds (a click, a UI blip) are kept by default: AudioGen pads short segments.
+    ok("click.wav", tone(0.05, freq=2000))
+    ok("blip.wav", tone(0.3, freq=1000))
     full = tone(4)
     add_clip(root, "truncated.wav", full, meta={"text": "cut short"})
     data = (root / "audio/truncated.wav").read_bytes()
@@ -100,7 +103,7 @@ def build_fuzz_corpus(root: Path, outside: Path) -> tuple[set[str], dict[str, st
     expect["audio/truncated.wav"] = "truncated"
 
     bad = {
-        "short.wav": ("too_short", dict(x=tone(0.5))),
+        "short.wav": ("too_short", dict(x=tone(0.02))),  # under two codec frames
         "silence.wav": ("silent", dict(x=np.zeros((SR * 2, 1), np.float32))),
         "nan.wav": ("non_finite", dict(x=np.where(np.arange(SR * 2)[:, None] % 100 == 0, np.nan, tone(2)),
                                        subtype="FLOAT")),
@@ -234,7 +237,13 @@ def test_preset_is_written_in_the_dataset_group_shape(fuzz):
     for key, split in (("train", "train"), ("valid", "valid")):
         assert f"  {key}: {egs}/{split}" in text  # egs root outside the project: absolute paths
     assert "  evaluate: null" in text and "  generate: null" in text  # samples come from generate.prompts
-    assert "segment_duration: 10" in text and "max_sample_rate: 16000" in text
+    assert "max_sample_rate: 16000" in text
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(fuzz["tmp"] / "cfg" / "fuzz.yaml")
+    # From the data: 90 % of the clips fit a segment, and samples use the dataset's own captions.
+    assert 1 <= cfg.dataset.segment_duration <= 10 and cfg.generate.duration == cfg.dataset.segment_duration
+    assert len(cfg.generate.prompts) == 4 and all(isinstance(p, str) and p for p in cfg.generate.prompts)
+    assert cfg.dataset.valid.num_samples is None and cfg.dataset.num_workers >= 0
 
 
 def test_manifests_load_with_audiocraft_and_sound_dataset_reads_captions(fuzz):
@@ -358,11 +367,17 @@ def test_cli_end_to_end_preset_strict_and_errors(tmp_path):
     common = ["--name", "cli", "--out", str(tmp_path / "out"), "--egs-root", str(tmp_path / "egs"),
               "--config-root", str(tmp_path / "cfg"), "--workers", "2"]
     proc = run_cli(str(demo), *common)
-    assert "14 kept" in proc.stdout and "Next: dora run" in proc.stdout
+    assert "14 kept" in proc.stdout and "  dora run solver=audiogen/tiny dataset=cli" in proc.stdout
+    assert "  dora run solver=audiogen/train dataset=cli" in proc.stdout
     preset = tmp_path / "cfg" / "cli.yaml"
+    first = preset.read_text()
+    for i in range(3):  # longer clips: the preset's segment length follows the data
+        add_clip(demo, f"long{i}.wav", tone(9, freq=200 + 100 * i), meta={"text": "a long hum"})
+    proc = run_cli(str(demo), *common)  # a generated, unedited preset is updated
+    assert "(updated; 9 s segments" in proc.stdout and preset.read_text() != first
     preset.write_text(preset.read_text() + "# edited by hand\n")
     proc = run_cli(str(demo), *common)
-    assert "kept existing" in proc.stdout and "edited by hand" in preset.read_text()
+    assert "kept: you edited it" in proc.stdout and "edited by hand" in preset.read_text()
     run_cli(str(demo), *common, "--force")
     assert "edited by hand" not in preset.read_text()
 
@@ -372,7 +387,7 @@ def test_cli_end_to_end_preset_strict_and_errors(tmp_path):
     assert "--strict" in proc.stderr
 
     empty = tmp_path / "empty"
-    add_clip(empty, "a.wav", tone(0.2), meta={"text": "too short"})
+    add_clip(empty, "a.wav", tone(0.01), meta={"text": "too short"})
     proc = run_cli(str(empty), "--name", "empty", "--out", str(tmp_path / "o2"), "--egs-root", str(tmp_path / "e2"),
                    "--config-root", str(tmp_path / "c2"), check_code=1)
     assert "no usable file" in proc.stderr

@@ -52,20 +52,28 @@ def test_samples_are_written_at_minus_14_lufs(trained_xp):
             assert abs(audio_io.loudness(tensor, sr) + 14.0) <= 1.0, path
 
 
-def test_tensorboard_holds_scalars_and_audio(trained_xp):
+def test_tensorboard_is_one_readable_run_with_curves_first(trained_xp):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    runs = list((trained_xp['folder'] / 'tensorboard').rglob('events.out.tfevents.*'))
-    assert runs
-    scalars, audio = set(), set()
-    for run in {path.parent for path in runs}:
-        acc = EventAccumulator(str(run), size_guidance={'scalars': 0, 'audio': 0})
-        acc.Reload()
-        scalars |= set(acc.Tags()['scalars'])
-        audio |= set(acc.Tags()['audio'])
-    for tag in ('train/ce', 'train/ppl', 'valid/ce', 'valid/ppl', 'train/lr', 'train/grad_norm',
-                'train/tokens_per_s', 'train/mem_gb', 'train_update/ce', 'train_update/lr', 'train_update/grad_norm'):
+    folder = trained_xp['folder']
+    runs = {path.parent for path in (folder / 'tensorboard').rglob('events.out.tfevents.*')}
+    assert runs == {folder / 'tensorboard'}, "one run per XP: no per-launch hparams runs"
+    # The index outputs/tensorboard/<dataset>_<sig> names the run after the data; its dataset here is 'tiny'.
+    link = trained_xp['outputs'] / 'tensorboard' / f'tiny_{folder.name}'
+    assert link.is_symlink() and link.resolve() == (folder / 'tensorboard').resolve()
+    acc = EventAccumulator(str(link), size_guidance={'scalars': 0, 'audio': 0})
+    acc.Reload()
+    scalars, audio = set(acc.Tags()['scalars']), set(acc.Tags()['audio'])
+    for tag in ('ce/train', 'ce/valid', 'ppl/train', 'ppl/valid', 'ce/train_epoch', 'train/lr', 'train/grad_norm',
+                'train/tokens_per_s', 'train/mem_gb'):
         assert tag in scalars, (tag, sorted(scalars))
-    assert any(tag.startswith('samples') for tag in audio), sorted(audio)
+    assert not any(tag.endswith('duration') for tag in scalars), sorted(scalars)
+    # Groups sort alphabetically in TensorBoard: the ce and ppl curves come first.
+    groups = sorted({tag.split('/')[0] for tag in scalars})
+    assert groups[:2] == ['ce', 'ppl'], groups
+    # Per-update train points and per-epoch valid points share the update axis (4 updates per epoch here).
+    assert [e.step for e in acc.Scalars('ce/valid')] == [4, 8]
+    assert [e.step for e in acc.Scalars('ce/train')] == list(range(1, 9))
+    assert any(tag.startswith('samples/') for tag in audio), sorted(audio)
 
 
 @pytest.mark.slow

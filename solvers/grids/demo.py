@@ -15,12 +15,13 @@ These become overrides, so they are part of each XP's signature.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from dora import Launcher
-from omegaconf import OmegaConf
 
-from ..project import CONFIG_DIR, resolve_path
+from .. import package
+from ..dataprep import read_manifest
+from ..errors import AudiogenError
+from ..project import compose, resolve_path
 from ..slurm import slurm_preset
 from ._explorers import AudioGenExplorer
 
@@ -33,27 +34,25 @@ SCHEDULE = {
     'generate.duration': 1.0,        # seconds per sample: generation on CPU costs more than training here
     'num_threads': 1,                # one per CPU of the job (below), so two XPs share 2 cores without contention
 }
-ENV_KEYS = {  # environment variable -> (config key, file that holds its default)
-    'AUDIOGEN_DEMO_PRETRAINED': ('pretrained', 'model/tiny.yaml'),
-    'AUDIOGEN_DEMO_TRAIN': ('datasource.train', 'dataset/demo.yaml'),
-    'AUDIOGEN_DEMO_VALID': ('datasource.valid', 'dataset/demo.yaml'),
+ENV_KEYS = {  # environment variable -> config key it overrides (default: the demo presets' value)
+    'AUDIOGEN_DEMO_PRETRAINED': 'pretrained',
+    'AUDIOGEN_DEMO_TRAIN': 'datasource.train',
+    'AUDIOGEN_DEMO_VALID': 'datasource.valid',
 }
 
 
 def data_overrides() -> dict[str, str]:
-    """Overrides for the env vars that are set; checks that every path the XPs will read exists, set or not."""
-    overrides = {}
-    for env, (key, preset) in ENV_KEYS.items():
-        value = os.environ.get(env, '').strip()
-        if value:
-            overrides[key] = str(resolve_path(value))
-            source = f'{env}={value}'
-        else:
-            value = OmegaConf.select(OmegaConf.load(CONFIG_DIR / preset), key)
-            source = f'{key}: {value} in config/{preset}'
-        if not Path(resolve_path(value)).exists():
-            raise SystemExit(f"dora grid demo: {source} does not exist. Run `make demo` once to build the demo "
-                             f"package and data, or set {env} to an existing path.")
+    """Overrides for the env vars that are set; checks that the package and manifests the XPs read exist."""
+    overrides = {key: str(resolve_path(os.environ[env].strip()))
+                 for env, key in ENV_KEYS.items() if os.environ.get(env, '').strip()}
+    try:
+        cfg = compose(['solver=audiogen/demo', *(f'{k}={v}' for k, v in overrides.items())])
+        package.resolve(cfg.pretrained, base_dir=resolve_path('.'))
+        for split in ('train', 'valid'):
+            read_manifest(resolve_path(cfg.datasource[split]))
+    except AudiogenError as err:
+        raise SystemExit(f"dora grid demo: {err} Run `make demo` once to build the demo package and data, or set "
+                         f"{', '.join(ENV_KEYS)} to existing paths.") from None
     return overrides
 
 
