@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 from solvers import generation
@@ -62,12 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
-    # Import-time noise from dependencies that says nothing about this run: xformers' missing CUDA extensions (not
-    # used: attention runs on torch SDPA) and torch's weight_norm deprecation inside audiocraft's codec.
-    logging.getLogger('xformers').setLevel(logging.ERROR)
-    warnings.filterwarnings('ignore', message='.*weight_norm.*', category=FutureWarning)
-    from solvers import export, package
-    bad_input = (generation.GenerationError, export.ExportError, package.PackageError)
+    from solvers.project import quiet_dependencies
+    quiet_dependencies()  # import-time noise from dependencies that says nothing about this run
+    from solvers.errors import AudiogenError
     try:
         prompts = list(args.prompts)
         if args.prompts_file is not None:
@@ -84,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         source = generation.resolve_model(args.model, args.weights)
         model = generation.load_model(source, device)
         files = generation.run(model, source, cfg, device)
-    except bad_input as err:
+    except AudiogenError as err:
         print(f"audiogen-generate: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

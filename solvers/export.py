@@ -278,7 +278,8 @@ def export_xp(spec: str | os.PathLike, out_dir: str | os.PathLike, weights: str 
         The package directory.
     """
     out = Path(out_dir).expanduser().resolve()
-    _check_destination(out, force, [])  # fail fast, before reading a large checkpoint
+    folder = find_xp(spec)
+    _check_destination(out, force, [folder] if folder else [])  # fail fast, before reading a large checkpoint
     xp = load_xp(spec, weights)
     protected = [xp.folder] + ([Path(xp.package)] if Path(xp.package).is_dir() else [])
     _check_destination(out, force, protected)

@@ -134,12 +134,12 @@ def build_lm(cfg: DictConfig, state: dict, device: str):
     Like the upstream loader: float32 on CPU, float16 on GPU (AudioGen then samples under fp16 autocast), and
     ``lm.cfg`` set so ``AudioGen`` finds its window (``dataset.segment_duration``) and codec wrapping.
     """
-    from audiocraft.models import builders
+    from .lm import build_lm_model
 
     cfg = cfg.copy()
     cfg.device = str(device)
     cfg.dtype = 'float32' if str(device) == 'cpu' else 'float16'
-    lm = builders.get_lm_model(cfg)
+    lm = build_lm_model(cfg)
     lm.load_state_dict(state)
     lm.eval()
     lm.cfg = cfg  # type: ignore[assignment]  # what loaders.load_lm_model sets too

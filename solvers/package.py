@@ -189,7 +189,7 @@ def check_and_merge(cfg: DictConfig, package_cfg: DictConfig, package: str) -> N
         if theirs is _ABSENT or theirs is None:
             continue
         ours = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
-        if ours is _ABSENT:
+        if ours is _ABSENT or ours is None:  # model=from_package leaves the architecture to the package
             OmegaConf.update(cfg, key, theirs, force_add=True)
             continue
         ours, theirs = (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for v in (ours, theirs))
@@ -199,7 +199,8 @@ def check_and_merge(cfg: DictConfig, package_cfg: DictConfig, package: str) -> N
         raise PackageError(
             f"The model config does not match the pretrained package '{package}':\n" + '\n'.join(mismatches) +
             "\nPick the model preset that matches the package (model=audiogen_medium for facebook/audiogen-medium, "
-            "model=tiny for the demo package) or point `pretrained=` at the package you meant.")
+            "model=tiny for the tiny stand-in), take the architecture from the package with "
+            f"`model=from_package pretrained={package}`, or point `pretrained=` at the package you meant.")
     for subtree in PACKAGE_SUBTREES:
         if subtree in package_cfg:
             OmegaConf.update(cfg, subtree, package_cfg[subtree], merge=False, force_add=True)

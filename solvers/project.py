@@ -91,7 +91,9 @@ def quiet_dependencies() -> None:
       the XP folder).
     - xFormers' "can't load C++/CUDA extensions": audiocraft imports xformers but we run attention on torch SDPA.
     - torch's weight_norm deprecation inside audiocraft's codec; audiocraft 1.1's apology for a no_grad change.
+    - transformers' and huggingface_hub's progress bars when a text encoder loads (must run before they import).
     """
+    os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
     from hydra.errors import Hydra14MigrationWarning
 
     warnings.filterwarnings('ignore', category=Hydra14MigrationWarning)

@@ -30,7 +30,7 @@ from audiocraft.solvers.audiogen import AudioGenSolver
 from audiocraft.utils import checkpoint
 from audiocraft.utils.utils import get_dataset_from_loader
 
-from . import audio_io, dataprep, package, project
+from . import audio_io, dataprep, lm, package, project
 from . import checkpoints as ckpt
 from . import tensorboard as tb_curves
 from .checkpoints import omegaconf_safe_globals
@@ -98,7 +98,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                     f"{key}={ours} in the config but the codec of '{self.cfg.pretrained}' has {theirs}.")
         self.logger.info("Codec: %d codebooks x %d bins at %d Hz frames, %d Hz audio.",
                          codec.num_codebooks, codec.cardinality, codec.frame_rate, codec.sample_rate)
-        self.model: models.LMModel = models.builders.get_lm_model(self.cfg).to(self.device)
+        self.model: models.LMModel = lm.build_lm_model(self.cfg).to(self.device)
         self.register_ema('model')
         self.optimizer = builders.get_optimizer(builders.get_optim_parameter_groups(self.model), self.cfg.optim)
         name = self.cfg.schedule.lr_scheduler
@@ -129,6 +129,10 @@ class AudioGenFinetuneSolver(AudioGenSolver):
     def initialize_ema(self) -> None:
         """Build the EMA, and make its step a no-op after an update the non-finite guard skipped."""
         super().initialize_ema()
+        every, per_epoch = self.cfg.optim.ema.updates, self.train_updates_per_epoch
+        if self.ema is not None and per_epoch and every > per_epoch:
+            self.logger.warning("optim.ema.updates=%d is longer than an epoch (%d updates): the EMA is stepped at "
+                                "the end of each epoch instead.", every, per_epoch)
         if self.ema is not None:
             ema_step = self.ema.step
 
@@ -214,23 +218,24 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         self._epochs_run += 1
         self._stop_if_signalled(f'epoch {self.epoch - 1} is checkpointed')
 
-    def run_stage(self, stage_name: str, method: tp.Callable, *args: tp.Any, **kwargs: tp.Any) -> dict:
-        """flashy's run_stage; when a stage after training fails, the epoch's trained updates are saved first.
+    def run_epoch(self) -> None:
+        """audiocraft's epoch; when a stage after training fails, the epoch's trained updates are saved first.
 
         audiocraft saves checkpoints only at the end of an epoch, after valid/evaluate/generate: a crash in those
         stages would throw the whole epoch of training away. A step checkpoint marked "training done" makes the
-        re-run go straight back to the failed stage.
+        re-run go straight back to the failed stage. It is written here, once the stages' EMA/best-state swaps have
+        been undone, so it holds the trained weights.
         """
         try:
-            return super().run_stage(stage_name, method, *args, **kwargs)
+            super().run_epoch()
         except Exception:
-            done = self.train_updates_per_epoch and self.position.update >= self.train_updates_per_epoch
-            if stage_name != 'train' and done and flashy.distrib.is_rank_zero():
+            updates = self.train_updates_per_epoch
+            if updates and self.position.update >= updates and flashy.distrib.is_rank_zero():
                 self._save_step_checkpoint()
                 self.logger.error(
-                    "The %s stage of epoch %d failed (error below). The epoch's %d trained updates are saved in %s: "
-                    "fix the cause, then re-run the same command to resume from there.", stage_name, self.epoch,
-                    self.position.update, self.folder / 'checkpoint_step.th')
+                    "Epoch %d failed after its training (error below). Its %d trained updates are saved in %s: fix "
+                    "the cause, then re-run the same command to resume from there.", self.epoch, updates,
+                    self.folder / 'checkpoint_step.th')
             raise
 
     # ---------------------------------------------------------------- train loop
@@ -284,16 +289,18 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         return flashy.distrib.average_metrics(average.value, updates)
 
     def _step_ema(self, idx: int) -> None:
-        """Step the EMA every `optim.ema.updates` updates of the run, and after its very first update.
+        """Step the EMA every `optim.ema.updates` updates of the run, and at the end of an epoch that had none.
 
-        audiocraft's unbiased EMA takes the weights whole at its first step; stepping it after update 1 means the
-        EMA (which samples, best state and exports use) never silently equals the untrained base weights, even in
-        a run shorter than the EMA period.
+        Otherwise an epoch (or a whole run) shorter than the EMA period would validate, sample and export the
+        EMA's untouched base weights; audiocraft's unbiased EMA takes the weights whole at its first step.
         """
         if self.ema is None:
             return
-        update = (self.epoch - 1) * self.train_updates_per_epoch + idx + 1
-        if update == 1 or update % self.cfg.optim.ema.updates == 0:
+        every, per_epoch = self.cfg.optim.ema.updates, self.train_updates_per_epoch
+        first = (self.epoch - 1) * per_epoch
+        update = first + idx + 1
+        none_this_epoch = (first + per_epoch) // every == first // every
+        if update % every == 0 or (idx + 1 == per_epoch and none_this_epoch):
             self.ema.step()
 
     # ---------------------------------------------------------------- step
@@ -434,9 +441,9 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         return metrics
 
     def sample_prompts(self) -> list[str]:
-        """`generate.prompts`, or else the first `generate.prompts_from_dataset` distinct captions of the valid
-        split (then train): samples that speak of the user's own sounds."""
-        if self.cfg.generate.prompts:
+        """`generate.prompts` (``[]``: no samples), or when it is null the first `generate.prompts_from_dataset`
+        distinct captions of the valid split (then train): samples that speak of the user's own sounds."""
+        if self.cfg.generate.prompts is not None:
             return [str(p) for p in self.cfg.generate.prompts]
         if not hasattr(self, '_dataset_prompts'):
             wanted = int(self.cfg.generate.get('prompts_from_dataset') or 0)

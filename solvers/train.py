@@ -43,6 +43,9 @@ def get_solver(cfg: omegaconf.DictConfig):
         raise AudiogenError(
             f"dataset.batch_size={cfg.dataset.batch_size} must be divisible by the {world} processes.")
     cfg.dataset.batch_size //= world
+    if not cfg.pretrained:
+        raise AudiogenError("No pretrained package: pass pretrained=<HF id such as facebook/audiogen-medium, or a "
+                            "package directory> (model=from_package takes the architecture from it).")
     if not cfg.datasource.train or not cfg.datasource.valid:
         raise AudiogenError(
             "No dataset chosen: datasource.train/valid are empty. Prepare your sounds with "
@@ -92,6 +95,16 @@ class _Main(HydraMain):
 
     def _get_config_noinit(self, overrides: list[str] = []) -> omegaconf.DictConfig:  # noqa: B006 (dora's)
         return project.compose_or_explain(lambda: super(_Main, self)._get_config_noinit(overrides), overrides)
+
+    def get_xp(self, argv: tp.Sequence[str]) -> XP:
+        """Dora's XP for ``argv``; a required value left at ``???`` is named with the fix."""
+        from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+        try:
+            return super().get_xp(argv)
+        except (MissingMandatoryValue, InterpolationToMissingValueError) as err:
+            key = getattr(err, 'full_key', None) or str(err).split(':')[-1].strip().split()[0]
+            raise AudiogenError(f"The config key {key} has no value (???): add {key}=... to the command "
+                                "(e.g. dataset.batch_size=8).") from None
 
 
 def _train(cfg: omegaconf.DictConfig) -> tp.Any:

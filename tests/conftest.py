@@ -58,10 +58,12 @@ def tiny_dataset(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope='session')
 def demo_overrides(tiny_package, tiny_dataset) -> list[str]:
-    """Overrides that point the demo solver at the session's package and dataset, with a very short schedule."""
-    return ['solver=audiogen/demo', f'pretrained={tiny_package}', f"datasource.train={tiny_dataset['train']}",
+    """Overrides that point the tiny-on-your-data solver at the session's package and dataset, with a very short
+    schedule and 2 micro-batches per update (accumulation on the path every test takes)."""
+    return ['solver=audiogen/tiny', f'pretrained={tiny_package}', f"datasource.train={tiny_dataset['train']}",
             f"datasource.valid={tiny_dataset['valid']}", 'optim.epochs=2', 'optim.updates_per_epoch=4',
-            'dataset.batch_size=4', 'generate.duration=1.0', 'dataset.valid.num_samples=8', 'schedule.cosine.warmup=2']
+            'dataset.batch_size=4', 'dataset.segment_duration=1.0', 'optim.grad_accum_steps=2', 'generate.duration=1.0',
+            'schedule.cosine.warmup=2', 'dataset.num_workers=0']
 
 
 @pytest.fixture(scope='session')
@@ -83,6 +85,9 @@ def in_xp(tmp_path, monkeypatch):
     built = []
 
     def build(overrides: tp.Sequence[str]):
+        """A new solver; the previous one's XP context is left first (e.g. to rebuild it as a re-run would)."""
+        while built:
+            built.pop().__exit__(None, None, None)
         train.main.dora.dir = tmp_path / 'outputs'
         xp = train.main.get_xp(list(overrides))
         ctx = xp.enter()

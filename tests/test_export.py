@@ -137,6 +137,11 @@ def test_refuses_to_overwrite_its_own_sources(fake_xp, capsys):
     for target in (fake_xp['folder'], fake_xp['package'], fake_xp['folder'].parent):
         assert export_cli.main([str(fake_xp['folder']), str(target), '--force']) == 2
         assert 'which the export reads' in capsys.readouterr().err
+    # Without --force the answer is the same (it never suggests a --force that would then be refused).
+    for target in (fake_xp['folder'], fake_xp['folder'].parent):
+        assert export_cli.main([str(fake_xp['folder']), str(target)]) == 2
+        err = capsys.readouterr().err
+        assert 'which the export reads' in err and '--force' not in err
     assert (fake_xp['folder'] / 'checkpoint.th').is_file() and (fake_xp['package'] / package.LM_FILE).is_file()
 
 

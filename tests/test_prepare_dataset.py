@@ -436,27 +436,3 @@ def test_make_demo_data_is_deterministic_and_varied(tmp_path):
         assert (info.samplerate, info.channels, info.subtype) == (SR, 1, "PCM_16") and 1 <= info.duration <= 4
         meta = json.loads((tmp_path / "a" / "metadata" / f"{wav.stem}.json").read_text())
         assert meta["text"] and meta["sample_rate"] == SR and abs(meta["duration"] - info.duration) < 1e-3
-
-
-@pytest.mark.slow
-def test_dora_run_trains_on_a_prepared_preset(tmp_path, tiny_package):
-    """`dora run solver=audiogen/demo dataset=<name>` on a preset this tool wrote into config/dataset/."""
-    from conftest import run_dora
-
-    from solvers.demo_data import make_demo_dataset
-
-    name = f"pytest_prep_{os.getpid()}"
-    preset = ROOT / "config" / "dataset" / f"{name}.yaml"
-    make_demo_dataset(tmp_path / "raw", seed=0, per_class=3)
-    try:
-        result = prepare(PrepareConfig(dataset_dir=tmp_path / "raw", name=name, out_dir=tmp_path / "out",
-                                       egs_root=tmp_path / "egs", valid_fraction=0.25, progress=False))
-        assert result.report["preset"]["action"] == "written"
-        run_dora(["solver=audiogen/demo", f"dataset={name}", f"pretrained={tiny_package}", "optim.epochs=1",
-                  "optim.updates_per_epoch=2", "schedule.cosine.warmup=1", "dataset.batch_size=4",
-                  "dataset.segment_duration=1.0", "dataset.valid.num_samples=4", "generate.duration=1.0",
-                  "dataset.num_workers=0"],  # the preset's 4 workers would each import audiocraft
-                 tmp_path / "outputs")
-        assert list((tmp_path / "outputs" / "xps").glob("*/history.json"))
-    finally:
-        preset.unlink(missing_ok=True)
