@@ -621,17 +621,26 @@ def _continue_source(value: str, pretrained: str) -> str:
         "checkpoint file or a pretrained package.")
 
 
+class _ClipByIndex:
+    """``AudioDataset.sample_file`` replacement: segment ``i`` comes from clip ``i % len(meta)``.
+
+    A module-level class (not a closure) so the dataset still pickles into forkserver/spawn loader workers.
+    """
+
+    def __init__(self, meta: list):
+        self.meta = meta
+
+    def __call__(self, index: int, rng: torch.Generator) -> tp.Any:
+        return self.meta[index % len(self.meta)]
+
+
 def _read_every_clip_once(dataset: tp.Any) -> None:
     """Make segment ``i`` of an evaluation split come from clip ``i`` (a random offset inside it, seeded by ``i``).
 
     audiocraft's AudioDataset.sample_file draws a random file for every segment, so a valid pass of N segments skips
     some clips and reads others twice; a fixed assignment measures every clip, the same way at every epoch.
     """
-    meta = dataset.meta
-
-    def sample_file(index: int, rng: torch.Generator) -> tp.Any:
-        return meta[index % len(meta)]
-    dataset.sample_file = sample_file
+    dataset.sample_file = _ClipByIndex(dataset.meta)
 
 
 def _plain_dicts(obj: tp.Any) -> tp.Any:

@@ -58,12 +58,9 @@ def _override(argv: list[str], key: str) -> str:
 
 # ---- grid expansion, no SLURM needed ----
 
-def test_demo_grid_dry_run_expands_to_two_lrs(tmp_path):
-    paths = {name: tmp_path / name for name in ('package', 'train', 'valid')}
-    for path in paths.values():
-        path.mkdir()
-    env = {'AUDIOGEN_DEMO_PRETRAINED': str(paths['package']), 'AUDIOGEN_DEMO_TRAIN': str(paths['train']),
-           'AUDIOGEN_DEMO_VALID': str(paths['valid'])}
+def test_demo_grid_dry_run_expands_to_two_lrs(tmp_path, tiny_package, tiny_dataset):
+    paths = {'package': tiny_package, 'train': tiny_dataset['train'], 'valid': tiny_dataset['valid']}
+    env = _demo_env(tiny_package, tiny_dataset)
     out = _dora('grid', ['demo', '--dry_run', '--init', '--no_monitoring'], tmp_path / 'outputs', env)
     assert 'Scheduled job' not in out
     argvs = _argvs(tmp_path / 'outputs')
@@ -78,8 +75,17 @@ def test_demo_grid_dry_run_expands_to_two_lrs(tmp_path):
     assert sorted(float(_override(argv, 'optim.lr')) for argv in argvs.values()) == sorted(demo_grid.LRS)
 
 
+def _prepared_preset(home: Path, name: str = 'demo') -> Path:
+    """A dataset preset as prepare_dataset writes it, under the data root ``home`` ($AUDIOGEN_HOME)."""
+    preset = home / 'config' / 'dataset' / f'{name}.yaml'
+    preset.parent.mkdir(parents=True, exist_ok=True)
+    preset.write_text(f"# @package __global__\ndatasource:\n  train: egs/{name}/train\n  valid: egs/{name}/valid\n")
+    return preset
+
+
 def test_finetune_grid_dry_run_expands_lr_by_effective_batch(tmp_path):
-    env = {'AUDIOGEN_DATASET': 'demo', 'AUDIOGEN_PARTITION': 'gpu'}
+    _prepared_preset(tmp_path / 'home')
+    env = {'AUDIOGEN_DATASET': 'demo', 'AUDIOGEN_PARTITION': 'gpu', 'AUDIOGEN_HOME': str(tmp_path / 'home')}
     out = _dora('grid', ['finetune', '--dry_run', '--init', '--no_monitoring'], tmp_path / 'outputs', env)
     assert 'Scheduled job' not in out
     argvs = _argvs(tmp_path / 'outputs')
@@ -110,7 +116,9 @@ class _Recorder:
         self.xps.append(args)
 
 
-def test_finetune_grid_schedules_on_the_cluster_preset(monkeypatch):
+def test_finetune_grid_schedules_on_the_cluster_preset(monkeypatch, tmp_path):
+    _prepared_preset(tmp_path)
+    monkeypatch.setenv('AUDIOGEN_HOME', str(tmp_path))
     monkeypatch.setenv('AUDIOGEN_DATASET', 'demo')
     monkeypatch.setenv('AUDIOGEN_PARTITION', 'a100')
     launcher = _Recorder()
@@ -125,7 +133,9 @@ def test_finetune_grid_schedules_on_the_cluster_preset(monkeypatch):
     ({'AUDIOGEN_DATASET': 'no_such_set', 'AUDIOGEN_PARTITION': 'gpu'}, 'no_such_set.yaml does not exist'),
     ({'AUDIOGEN_DATASET': 'demo'}, 'AUDIOGEN_PARTITION is not set'),
 ])
-def test_finetune_grid_says_which_variable_is_missing(monkeypatch, env, message):
+def test_finetune_grid_says_which_variable_is_missing(monkeypatch, tmp_path, env, message):
+    _prepared_preset(tmp_path)
+    monkeypatch.setenv('AUDIOGEN_HOME', str(tmp_path))
     for key in ('AUDIOGEN_DATASET', 'AUDIOGEN_PARTITION'):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():

@@ -45,6 +45,11 @@ def data_overrides() -> dict[str, str]:
     """Overrides for the env vars that are set; checks that the package and manifests the XPs read exist."""
     overrides = {key: str(resolve_path(os.environ[env].strip()))
                  for env, key in ENV_KEYS.items() if os.environ.get(env, '').strip()}
+    for env, key in ENV_KEYS.items():
+        if key in overrides and not os.path.exists(overrides[key]):
+            raise SystemExit(f"dora grid demo: {env}={overrides[key]} does not exist. Point it at an existing "
+                             f"{'package folder' if key == 'pretrained' else 'manifest folder'}, or unset it to use "
+                             "the demo's (built by `make demo`).")
     try:
         cfg = compose(['solver=audiogen/demo', *(f'{k}={v}' for k, v in overrides.items())])
         package.resolve(cfg.pretrained, base_dir=resolve_path('.'))

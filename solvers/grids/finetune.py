@@ -22,7 +22,7 @@ import os
 
 from dora import Launcher
 
-from ..project import CONFIG_DIR
+from ..project import preset_names, user_config_dir
 from ..slurm import slurm_preset
 from ._explorers import AudioGenExplorer
 
@@ -40,12 +40,12 @@ def _required_env(name: str, what: str) -> str:
 
 
 def dataset_name() -> str:
-    """The dataset preset named by AUDIOGEN_DATASET, checked to exist under config/dataset/."""
+    """The dataset preset named by AUDIOGEN_DATASET, checked to exist (config/dataset/ or the data root's)."""
     name = _required_env('AUDIOGEN_DATASET', "the name of a prepared dataset (config/dataset/<name>.yaml)")
-    if not (CONFIG_DIR / 'dataset' / f'{name}.yaml').is_file():
-        known = ', '.join(sorted(p.stem for p in (CONFIG_DIR / 'dataset').glob('*.yaml') if p.stem != 'template'))
-        raise SystemExit(f"dora grid finetune: AUDIOGEN_DATASET={name} but {CONFIG_DIR}/dataset/{name}.yaml does not "
-                         f"exist (known: {known or 'none'}). Prepare it with "
+    known = [preset for preset in preset_names('dataset') if preset != 'template']
+    if name not in known:
+        raise SystemExit(f"dora grid finetune: AUDIOGEN_DATASET={name} but {user_config_dir()}/dataset/{name}.yaml "
+                         f"does not exist (known: {', '.join(known) or 'none'}). Prepare it with "
                          f"`python -m scripts.prepare_dataset /path/to/sounds --name {name}`.")
     return name
 
