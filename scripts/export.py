@@ -3,6 +3,8 @@
 Examples:
   audiogen-export 0f95cd25 exports/my_sounds                 (best weights of the XP with that signature)
   audiogen-export outputs/xps/0f95cd25 exports/my_sounds --weights ema --half --force
+  audiogen-export 3a1b2c4d exports/my_lora                   (a LoRA XP: the adapters only, megabytes)
+  audiogen-export 3a1b2c4d exports/my_lora_full --merge      (a LoRA XP folded into a standard package)
 
 Exit status: 0 on success, 2 on bad input (OUT_DIR untouched), 1 on other errors.
 """
@@ -23,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='best (default: the best valid epoch, EMA weights when the EMA is on), ema or last')
     parser.add_argument('--half', action='store_true', help='store the LM in float16 (half the size)')
     parser.add_argument('--force', action='store_true', help='replace a non-empty OUT_DIR')
+    parser.add_argument('--merge', action='store_true',
+                        help='LoRA XPs: fold the adapters into the base weights and write a standard package that '
+                             'plain audiocraft loads (default: the adapters alone, which our scripts load over the '
+                             'base package)')
     return parser
 
 
@@ -36,13 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     from solvers import export, package
+    from solvers.errors import AudiogenError
     try:
-        out = export.export_xp(args.xp, args.out_dir, weights=args.weights, half=args.half, force=args.force)
-    except (export.ExportError, package.PackageError) as err:
+        out = export.export_xp(args.xp, args.out_dir, weights=args.weights, half=args.half, force=args.force,
+                               merge=args.merge)
+    except AudiogenError as err:
         print(f"audiogen-export: error: {err}", file=sys.stderr)
         return 2
     print(f"Exported {args.xp} ({args.weights} weights{', float16' if args.half else ''}) to {out}")
-    print(f"Load it with: AudioGen.get_pretrained('{out}')  or  audiogen-generate \"...\" --model {out}")
+    if (out / package.ADAPTER_FILE).is_file():
+        print(f"This is an adapter-only export (LoRA weights over {package.adapter_export(str(out))['base']}). "
+              f"Generate with: audiogen-generate \"...\" --model {out}")
+        print(f"For a package plain audiocraft loads: audiogen-export {args.xp} DIR --merge")
+    else:
+        print(f"Load it with: AudioGen.get_pretrained('{out}')  or  audiogen-generate \"...\" --model {out}")
     return 0
 
 

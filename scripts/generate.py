@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from solvers import generation
+from solvers import fastgen, generation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help='seconds per sliding-window step beyond the model window (default: 2, at most half '
                              'the window)')
     parser.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda, cuda:N')
+    parser.add_argument('--decoder', choices=fastgen.DECODERS, default='fast',
+                        help="LM decoding: fast (audiocraft's tokens, faster; default), graph (CUDA graphs, opt-in, "
+                             "within float tolerance of fast), stock (audiocraft's own loop)")
+    parser.add_argument('--dtype', choices=generation.DTYPES, default='auto',
+                        help='LM dtype: auto (float32 on CPU, float16 on GPU, as audiocraft), float32, float16, '
+                             'bfloat16 (GPU)')
     parser.add_argument('--format', choices=generation.FORMATS, default='wav', help='audio format (default: wav)')
     parser.add_argument('--out', type=Path, default=Path('out'), help='output root (default: out/)')
     parser.add_argument('--max-batch', type=int, default=25, help='clips per forward pass (default: %(default)s)')
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.check()
         device = generation.pick_device(args.device)
         source = generation.resolve_model(args.model, args.weights)
-        model = generation.load_model(source, device)
+        model = generation.load_model(source, device, decoder=args.decoder, dtype=args.dtype)
         files = generation.run(model, source, cfg, device)
     except AudiogenError as err:
         print(f"audiogen-generate: error: {err}", file=sys.stderr)

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import package, project
-from .checkpoints import fsync_dir, load_weights_only
+from . import adapters, package, project
+from .checkpoints import atomic_save, fsync_dir, load_weights_only
 from .errors import AudiogenError
 
 WEIGHTS = ('best', 'ema', 'last')
@@ -54,7 +54,8 @@ class XPPackage:
         epoch: epochs completed in the checkpoint read.
         package: the resolved pretrained package the XP was fine-tuned from (holds the codec).
         lm_cfg: the full LM config, ready for ``audiocraft.models.builders.get_lm_model``.
-        lm_state: the LM state dict (conditioner included).
+        lm_state: the LM state dict (conditioner included); for a LoRA XP, the adapters merged into the base.
+        adapter: for a LoRA XP, ``{'adapter_state': ..., 'adapter_layout': ...}`` (the unmerged adapters).
     """
 
     folder: Path
@@ -64,6 +65,7 @@ class XPPackage:
     package: str
     lm_cfg: DictConfig
     lm_state: dict
+    adapter: dict | None = None
 
 
 def xps_dir() -> Path:
@@ -205,9 +207,17 @@ def load_xp(spec: str | os.PathLike, weights: str = 'best') -> XPPackage:
     except package.PackageError as err:
         raise package.PackageError(
             f"XP {folder.name} was fine-tuned from the package '{pretrained}', which holds its codec: {err}") from err
+    adapter = None
+    if OmegaConf.select(xp_cfg, 'adapter.kind', default='none') == 'lora':
+        layout = state.get('adapter_layout')
+        if not layout:
+            raise ExportError(f"{path} is a LoRA run but holds no 'adapter_layout': it was written by an older "
+                              "version; re-run the XP's command once to rewrite its checkpoint.")
+        adapter = {'adapter_state': lm_state, 'adapter_layout': layout}
+        lm_state = adapters.merge_state(package.lm_state(pkg), lm_state, layout)
     return XPPackage(folder=folder, sig=str(state.get('xp.sig') or folder.name), weights=weights,
                      epoch=len(state.get('history') or []), package=pkg,
-                     lm_cfg=lm_config_for_package(xp_cfg, pkg), lm_state=lm_state)
+                     lm_cfg=lm_config_for_package(xp_cfg, pkg), lm_state=lm_state, adapter=adapter)
 
 
 def codec_files(pkg: str) -> tuple[str, dict]:
@@ -216,7 +226,7 @@ def codec_files(pkg: str) -> tuple[str, dict]:
     Raises:
         ExportError: the pointer names a codec audiocraft can't rebuild from a config (DAC, HF transformers EnCodec).
     """
-    data = package.load_file(pkg, package.COMPRESSION_FILE)
+    data = package.load_file(package.base_of(pkg), package.COMPRESSION_FILE)
     chain = [pkg]
     while 'pretrained' in data:
         target = str(data['pretrained'])
@@ -262,8 +272,12 @@ def versions() -> dict:
 
 
 def export_xp(spec: str | os.PathLike, out_dir: str | os.PathLike, weights: str = 'best', half: bool = False,
-              force: bool = False) -> Path:
+              force: bool = False, merge: bool = False) -> Path:
     """Write an XP as a package that ``AudioGen.get_pretrained(out_dir)`` and ``scripts/generate.py`` load.
+
+    A LoRA XP is written as an adapter-only export (``adapter.bin``: the adapters and the name of their base
+    package; megabytes), which our generate and evaluate scripts load over the base, unless ``merge`` folds the
+    adapters into the base weights and writes a standard package that plain audiocraft loads.
 
     The package is written into a temporary directory beside ``out_dir`` and renamed into place, so ``out_dir`` is
     either untouched or complete. With ``force``, an existing ``out_dir`` is replaced (moved aside, then deleted).
@@ -274,6 +288,7 @@ def export_xp(spec: str | os.PathLike, out_dir: str | os.PathLike, weights: str 
         weights: best, ema or last (see :func:`load_xp`).
         half: store the LM weights in float16 (half the size; audiocraft casts them back on load).
         force: replace a non-empty ``out_dir``.
+        merge: for LoRA XPs, write the merged full package instead of the adapters alone.
     Returns:
         The package directory.
     """
@@ -283,18 +298,26 @@ def export_xp(spec: str | os.PathLike, out_dir: str | os.PathLike, weights: str 
     xp = load_xp(spec, weights)
     protected = [xp.folder] + ([Path(xp.package)] if Path(xp.package).is_dir() else [])
     _check_destination(out, force, protected)
-    codec_cfg, codec_state = codec_files(xp.package)
-    lm_state = xp.lm_state
-    if half:
-        lm_state = {k: v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                    for k, v in lm_state.items()}
+    adapter_only = xp.adapter is not None and not merge
+
+    def maybe_half(state: dict) -> dict:
+        return {k: v.half() if half and isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for k, v in state.items()}
     provenance = {'xp': str(xp.folder), 'sig': xp.sig, 'weights': xp.weights, 'epoch': xp.epoch,
                   'pretrained': xp.package, 'half': half, 'max_duration': xp.lm_cfg.dataset.segment_duration,
-                  'versions': versions()}
+                  'kind': 'adapter' if adapter_only else 'package', 'versions': versions()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', suffix='.tmp', dir=out.parent))
     try:
-        package.write(tmp, xp.lm_cfg, lm_state, codec_cfg, codec_state)
+        if adapter_only:
+            assert xp.adapter is not None
+            atomic_save({'xp.cfg': OmegaConf.to_yaml(xp.lm_cfg), 'base': xp.package,
+                         'adapter_state': maybe_half(xp.adapter['adapter_state']),
+                         'adapter_layout': xp.adapter['adapter_layout'], 'version': versions()['audiocraft'],
+                         'exported': True}, tmp / package.ADAPTER_FILE)
+        else:
+            codec_cfg, codec_state = codec_files(xp.package)
+            package.write(tmp, xp.lm_cfg, maybe_half(xp.lm_state), codec_cfg, codec_state)
         (tmp / 'export.json').write_text(json.dumps(provenance, indent=2) + '\n')
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; packages are meant to be shared
         if out.exists():

@@ -1,7 +1,9 @@
 """Batch text-to-sound generation: load any model reference, sample with per-item seeds, write files and sidecars.
 
 Models: an HF id, a local package dir (ours or an export), or a training XP (signature or folder) with its best, EMA
-or last weights. Every model ends up as an ``audiocraft.models.AudioGen`` and is sampled through its ``generate``.
+or last weights. Every model ends up as an ``audiocraft.models.AudioGen`` and is sampled through its ``generate``,
+whose LM decoding goes through :mod:`solvers.fastgen` (the same tokens as audiocraft's, faster) unless the model
+was loaded with ``decoder='stock'``.
 
 Reproducibility (see docs/generate.md):
 
@@ -18,6 +20,7 @@ Reproducibility (see docs/generate.md):
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -35,13 +38,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import audio_io, export, package
+from . import audio_io, export, fastgen, package
 from .errors import AudiogenError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = 'facebook/audiogen-medium'
 FORMATS = ('wav', 'flac', 'mp3', 'ogg')
+DTYPES = ('auto', 'float32', 'float16', 'bfloat16')
 MAX_SEED = 2 ** 63 - 1
 # Uniforms drawn per item and per refill of the sampler's buffer. Part of the reproducibility contract: an item's
 # stream is its generator's successive draws of this size, so changing it changes every sampled clip.
@@ -128,17 +132,30 @@ def pick_device(device: str = 'auto') -> str:
     return device
 
 
-def build_lm(cfg: DictConfig, state: dict, device: str):
+def pick_dtype(dtype: str, device: str) -> str:
+    """``auto`` → float32 on CPU, float16 on GPU (what audiocraft's loaders pick); bfloat16/float16 need a GPU."""
+    if dtype not in DTYPES:
+        raise GenerationError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}.")
+    if dtype == 'auto':
+        return 'float32' if str(device) == 'cpu' else 'float16'
+    if str(device) == 'cpu' and dtype != 'float32':
+        raise GenerationError(f"--dtype {dtype} needs a GPU: audiocraft generates in float32 on the CPU. "
+                              "Use --dtype float32 (or auto) with --device cpu.")
+    return dtype
+
+
+def build_lm(cfg: DictConfig, state: dict, device: str, dtype: str = 'auto'):
     """Build an LM from its config and weights the way ``audiocraft.models.loaders.load_lm_model`` does.
 
-    Like the upstream loader: float32 on CPU, float16 on GPU (AudioGen then samples under fp16 autocast), and
-    ``lm.cfg`` set so ``AudioGen`` finds its window (``dataset.segment_duration``) and codec wrapping.
+    Like the upstream loader: float32 on CPU, float16 on GPU (``dtype='auto'``; AudioGen then samples under
+    autocast of that dtype), and ``lm.cfg`` set so ``AudioGen`` finds its window (``dataset.segment_duration``) and
+    codec wrapping.
     """
     from .lm import build_lm_model
 
     cfg = cfg.copy()
     cfg.device = str(device)
-    cfg.dtype = 'float32' if str(device) == 'cpu' else 'float16'
+    cfg.dtype = pick_dtype(dtype, device)
     lm = build_lm_model(cfg)
     lm.load_state_dict(state)
     lm.eval()
@@ -152,12 +169,25 @@ def _audiogen_class() -> type:
     from audiocraft.models import AudioGen
 
     class ClipwiseAudioGen(AudioGen):
-        """``AudioGen`` whose codec decodes one clip at a time.
+        """``AudioGen`` whose LM decodes through :mod:`solvers.fastgen` and whose codec decodes one clip at a time.
 
-        A batched decode differs from a single-clip decode in the last float bits (convolution blocking), which
-        would make a clip's file depend on its batch neighbours; decoding clip by clip makes the audio a function of
-        its tokens only. The decoder is a small share of the time next to the LM's autoregressive steps.
+        ``decoder`` (``fast``, ``graph`` or ``stock``) picks the LM decoding; audiocraft's own ``_generate_tokens``
+        (its sliding-window extension included) runs unchanged around it. ``decoder_used`` is what last ran:
+        ``stock`` when the LM is outside what the fast path reproduces.
+
+        A batched codec decode differs from a single-clip decode in the last float bits (convolution blocking),
+        which would make a clip's file depend on its batch neighbours; decoding clip by clip makes the audio a
+        function of its tokens only. The codec is a small share of the time next to the LM's autoregressive steps.
         """
+
+        decoder: str = 'fast'
+        decoder_used: str | None = None
+
+        def _generate_tokens(self, attributes: list, prompt_tokens: torch.Tensor | None,
+                             progress: bool = False) -> torch.Tensor:
+            with fastgen.decoding(self.lm, self.decoder) as used:
+                self.decoder_used = used
+                return super()._generate_tokens(attributes, prompt_tokens, progress)
 
         def generate_audio(self, gen_tokens: torch.Tensor) -> torch.Tensor:
             return torch.cat([super(ClipwiseAudioGen, self).generate_audio(t[None]) for t in gen_tokens])
@@ -165,11 +195,27 @@ def _audiogen_class() -> type:
     return ClipwiseAudioGen
 
 
-def load_model(source: ModelSource, device: str = 'cpu'):
+def build_audiogen(name: str, compression_model: tp.Any, lm: tp.Any, decoder: str = 'fast'):
+    """Our ``AudioGen`` (clip-wise codec decoding, ``decoder`` for the LM) around a codec and an LM with ``lm.cfg``."""
+    if decoder not in fastgen.DECODERS:
+        raise GenerationError(f"--decoder {decoder}: choose one of {', '.join(fastgen.DECODERS)}.")
+    model = _audiogen_class()(name, compression_model, lm)
+    model.decoder = decoder
+    return model
+
+
+def load_model(source: ModelSource, device: str = 'cpu', decoder: str = 'fast', dtype: str = 'auto'):
     """Build the ``AudioGen`` a :class:`ModelSource` names (records the XP's epoch/package into ``source``).
 
-    The model is an ``AudioGen`` subclass that only changes how tokens are decoded (clip by clip, see
-    ``ClipwiseAudioGen``); sampling is audiocraft's ``AudioGen.generate``.
+    The model is an ``AudioGen`` subclass (``ClipwiseAudioGen``) that changes how the LM decodes (``decoder``:
+    ``fast``, the same tokens as audiocraft's, faster; ``graph``, CUDA graphs; ``stock``, audiocraft's own loop) and
+    decodes the codec clip by clip; the rest is audiocraft's ``AudioGen.generate``.
+
+    Args:
+        source: the model reference.
+        device: cpu or cuda[:N].
+        decoder: one of :data:`solvers.fastgen.DECODERS`.
+        dtype: the LM's weights and autocast dtype (:data:`DTYPES`; ``auto`` as audiocraft's loaders).
 
     Packages are read with ``weights_only=True`` through :mod:`solvers.package`, so a hub id that isn't cached while
     offline fails with a PackageError explaining HF_HUB_OFFLINE rather than a hub traceback.
@@ -188,11 +234,23 @@ def load_model(source: ModelSource, device: str = 'cpu'):
         raise GenerationError(
             f"{source.given}: its generation window dataset.segment_duration={window:g} s is too short; audiocraft's "
             "AudioGen needs more than 2 s (its default extend_stride). Re-export the model with a longer window.")
+    if decoder not in fastgen.DECODERS:
+        raise GenerationError(f"--decoder {decoder}: choose one of {', '.join(fastgen.DECODERS)}.")
+    if decoder == 'graph' and not str(device).startswith('cuda'):
+        raise GenerationError("--decoder graph captures CUDA graphs and needs --device cuda; on the CPU use "
+                              "--decoder fast (the default).")
+    dtype = pick_dtype(dtype, device)
     compression_model = package.load_compression_model(pkg, device)
-    lm = build_lm(cfg, state, device)
+    lm = build_lm(cfg, state, device, dtype)
     if 'self_wav' in lm.condition_provider.conditioners:
         raise GenerationError(f"{source.given} is conditioned on audio (self_wav), which AudioGen doesn't support.")
-    return _audiogen_class()(name, compression_model, lm)
+    model = build_audiogen(name, compression_model, lm, decoder)
+    if dtype != 'float16' and str(device) != 'cpu':
+        # audiocraft's GenModel always autocasts to float16 on GPU; follow the weights' dtype (none for float32).
+        from audiocraft.utils.autocast import TorchAutocast
+        model.autocast = TorchAutocast(enabled=dtype != 'float32', device_type=torch.device(device).type,
+                                       dtype=getattr(torch, dtype))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -458,7 +516,7 @@ def _finite(value: float) -> float | None:
 
 
 def reproduce_command(item: Item, source: ModelSource, params: dict, fmt: str, target_lufs: float,
-                      device: str) -> str:
+                      device: str, decoder: str = 'fast', dtype: str = 'auto') -> str:
     """The CLI line that regenerates exactly this item's file (into a new timestamp folder)."""
     args = ['audiogen-generate', item.prompt, '--model', source.cli_reference()]
     if source.kind == 'xp':
@@ -466,7 +524,8 @@ def reproduce_command(item: Item, source: ModelSource, params: dict, fmt: str, t
     args += ['--seeds', str(item.seed), '--duration', f"{params['duration']:g}", '--top_k', str(params['top_k']),
              '--top_p', f"{params['top_p']:g}", '--temperature', f"{params['temperature']:g}",
              '--cfg_coef', f"{params['cfg_coef']:g}", '--extend-stride', f"{params['extend_stride']:g}",
-             '--loudness', f'{target_lufs:g}', '--format', fmt, '--device', device]
+             '--loudness', f'{target_lufs:g}', '--format', fmt, '--device', device, '--decoder', decoder,
+             '--dtype', dtype]
     return shlex.join(args)
 
 
@@ -513,12 +572,14 @@ class RunConfig:
 def run(model, source: ModelSource, cfg: RunConfig, device: str) -> list[Path]:
     """Generate every prompt x seed in batches, write normalised audio and a JSON sidecar per clip.
 
-    Folders are created once the model is loaded and the inputs checked; each audio file and sidecar is written
-    atomically, the sidecar after its audio, so an interrupted run leaves only complete pairs (and removes the
-    folders it created that are still empty).
+    Folders are created once the model is loaded and the inputs checked. One writer thread normalises, encodes and
+    writes batch *k* while batch *k + 1* generates (at most one batch waits in memory). Each audio file and sidecar
+    is written atomically, the sidecar after its audio; a write error is raised here, in the caller's thread. An
+    interrupted or failed run lets the writer finish the pair it is on, so it leaves only complete pairs, and removes
+    the folders it created that are still empty.
 
     Args:
-        model: an ``AudioGen``.
+        model: an ``AudioGen`` (ours records its decoder in the sidecars; a plain one counts as ``stock``).
         source: where the model came from (recorded in sidecars).
         cfg: the run (checked here).
         device: the device the model is on (recorded).
@@ -536,14 +597,15 @@ def run(model, source: ModelSource, cfg: RunConfig, device: str) -> list[Path]:
     folders = {prompt: allocate_folder(root, prompt, stamp) for prompt in cfg.prompts}
     for item in items:
         item.folder = folders[item.prompt]
+    decoder = fastgen.effective_decoder(model.lm, getattr(model, 'decoder', 'stock'))
     common = {
         'model': source.given, 'model_kind': source.kind, 'model_path': source.path, 'weights': source.weights,
         'xp_sig': source.sig, 'xp_epoch': source.epoch, 'pretrained': source.package,
         'params': params, 'target_lufs': cfg.loudness, 'format': cfg.fmt, 'device': device,
+        'decoder': decoder, 'dtype': str(next(iter(model.lm.parameters())).dtype).removeprefix('torch.'),
         'max_batch': cfg.max_batch, 'versions': versions(),
     }
-    sample_rate = model.sample_rate
-    written: list[Path] = []
+    writer = _Writer(model.sample_rate, cfg, source, params, common, device)
     bar = tqdm(total=len(items), unit='clip', desc='generating', disable=not cfg.progress, dynamic_ncols=True)
     last_refresh = [0.0]
 
@@ -558,19 +620,66 @@ def run(model, source: ModelSource, cfg: RunConfig, device: str) -> list[Path]:
             begin = time.perf_counter()
             audio = generate_batch(model, [i.prompt for i in batch], [i.seed for i in batch],
                                    on_step if cfg.progress else None)
-            elapsed = time.perf_counter() - begin
-            for item, wav in zip(batch, audio):
-                written.append(_write_item(item, wav, sample_rate, cfg, source, params, common,
-                                           elapsed / len(batch), device))
-            bar.update(len(batch))
+            bar.update(writer.collect())  # the previous batch's files: complete (or its error raised) first
+            writer.submit(batch, audio, (time.perf_counter() - begin) / len(batch))
+        bar.update(writer.collect())
     except BaseException:
+        writer.stop()
         for folder in folders.values():
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only succeeds when empty
         raise
     finally:
+        writer.close()
         bar.close()
-    return written
+    return writer.written
+
+
+class _Writer:
+    """One background thread that writes a batch's clips and sidecars while the next batch generates."""
+
+    def __init__(self, sample_rate: int, cfg: RunConfig, source: ModelSource, params: dict, common: dict,
+                 device: str):
+        self.args = (sample_rate, cfg, source, params, common)
+        self.device = device
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='audiogen-writer')
+        self.pending: concurrent.futures.Future | None = None
+        self.stopping = False
+        self.written: list[Path] = []
+
+    def submit(self, batch: list[Item], audio: torch.Tensor, seconds: float) -> None:
+        """Queue a batch's writes (after :meth:`collect` of the previous one)."""
+        assert self.pending is None
+        self.pending = self.pool.submit(self._write_batch, batch, audio, seconds)
+
+    def collect(self) -> int:
+        """Wait for the queued batch; return its clip count, or raise its write error."""
+        if self.pending is None:
+            return 0
+        future, self.pending = self.pending, None
+        paths = future.result()
+        self.written.extend(paths)
+        return len(paths)
+
+    def stop(self) -> None:
+        """Let the pair being written finish, skip the rest of the batch, and wait (its error is dropped: the
+        caller is already raising)."""
+        self.stopping = True
+        if self.pending is not None:
+            with contextlib.suppress(BaseException):
+                self.written.extend(self.pending.result())
+            self.pending = None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def _write_batch(self, batch: list[Item], audio: torch.Tensor, seconds: float) -> list[Path]:
+        paths = []
+        for item, wav in zip(batch, audio):
+            if self.stopping:
+                break
+            paths.append(_write_item(item, wav, *self.args, seconds, self.device))
+        return paths
 
 
 def _write_item(item: Item, wav: torch.Tensor, sample_rate: int, cfg: RunConfig, source: ModelSource,
@@ -586,7 +695,12 @@ def _write_item(item: Item, wav: torch.Tensor, sample_rate: int, cfg: RunConfig,
         'peak_dbfs': _finite(20 * math.log10(peak)) if peak > 0 else None,
         'generation_seconds': round(seconds, 4),
         'created': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-        'reproduce': reproduce_command(item, source, params, cfg.fmt, cfg.loudness, device),
+        'reproduce': reproduce_command(item, source, params, cfg.fmt, cfg.loudness, device, common['decoder'],
+                                       common['dtype']),
     }
-    write_json(item.folder / f'{item.seed}.json', sidecar)
+    try:
+        write_json(item.folder / f'{item.seed}.json', sidecar)
+    except BaseException:
+        path.unlink(missing_ok=True)  # no audio without its sidecar
+        raise
     return path

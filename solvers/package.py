@@ -21,6 +21,8 @@ from .errors import AudiogenError
 
 LM_FILE = 'state_dict.bin'
 COMPRESSION_FILE = 'compression_state_dict.bin'
+# An adapter-only export (scripts/export.py of a LoRA XP without --merge): LoRA weights + the base package they sit on.
+ADAPTER_FILE = 'adapter.bin'
 _HF_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 
 # Keys that define the LM's parameters. A package and a config that disagree on any of them cannot share weights.
@@ -63,6 +65,8 @@ def resolve(name_or_path: str | os.PathLike, base_dir: str | os.PathLike | None 
             hint = ("build it with `python -m scripts.make_tiny_package` (`make demo` does it)" if text == 'tiny'
                     else "export one there with `python -m scripts.export`, or pass an HF id or a directory")
             raise PackageError(f"The pretrained package '{text}' is not built: expected it in {path}; {hint}.")
+    if path.is_dir() and (path / ADAPTER_FILE).is_file():
+        return str(path.resolve())  # an adapter export: its base is resolved when it is read
     if path.is_dir():
         missing = [f for f in (LM_FILE, COMPRESSION_FILE) if not (path / f).is_file()]
         if missing:
@@ -135,8 +139,35 @@ def load_file(package: str, filename: str) -> dict:
         ) from err
 
 
+def adapter_export(package: str) -> dict | None:
+    """The contents of an adapter-only export (``adapter.bin``), or None for a regular package."""
+    path = Path(package)
+    if not (path.is_dir() and (path / ADAPTER_FILE).is_file()):
+        return None
+    data = load_file(package, ADAPTER_FILE)
+    missing = [k for k in ('xp.cfg', 'adapter_state', 'adapter_layout', 'base') if k not in data]
+    if missing:
+        raise PackageError(f"{path / ADAPTER_FILE} lacks {', '.join(missing)}: re-export the XP with "
+                           "scripts/export.py.")
+    return data
+
+
+def base_of(package: str) -> str:
+    """The package whose codec and base weights ``package`` uses: itself, or an adapter export's base."""
+    data = adapter_export(package)
+    if data is None:
+        return package
+    try:
+        return resolve(str(data['base']))
+    except PackageError as err:
+        raise PackageError(f"The adapter export {package} sits on the base package '{data['base']}': {err}") from err
+
+
 def lm_config(package: str) -> DictConfig:
-    """The LM's training config (``xp.cfg``) stored in the package."""
+    """The LM's training config (``xp.cfg``) stored in the package (or in an adapter export)."""
+    adapter = adapter_export(package)
+    if adapter is not None:
+        return OmegaConf.create(adapter['xp.cfg'])
     pkg = load_file(package, LM_FILE)
     if 'xp.cfg' not in pkg or 'best_state' not in pkg:
         raise PackageError(f"{package}/{LM_FILE} must hold 'xp.cfg' and 'best_state'; it has {sorted(pkg)}.")
@@ -144,7 +175,11 @@ def lm_config(package: str) -> DictConfig:
 
 
 def lm_state(package: str) -> dict:
-    """The LM weights (``best_state``) stored in the package."""
+    """The LM weights (``best_state``) stored in the package; an adapter export's are merged into its base."""
+    adapter = adapter_export(package)
+    if adapter is not None:
+        from .adapters import merge_state
+        return merge_state(lm_state(base_of(package)), adapter['adapter_state'], adapter['adapter_layout'])
     return load_file(package, LM_FILE)['best_state']
 
 
@@ -157,7 +192,7 @@ def load_compression_model(package: str, device: str | torch.device = 'cpu'):
     """
     from audiocraft.models import CompressionModel, builders
 
-    pkg = load_file(package, COMPRESSION_FILE)
+    pkg = load_file(base_of(package), COMPRESSION_FILE)
     if 'pretrained' in pkg:
         model = CompressionModel.get_pretrained(pkg['pretrained'], device=device)
     else:

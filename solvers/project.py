@@ -92,6 +92,7 @@ def quiet_dependencies() -> None:
     - xFormers' "can't load C++/CUDA extensions": audiocraft imports xformers but we run attention on torch SDPA.
     - torch's weight_norm deprecation inside audiocraft's codec; audiocraft 1.1's apology for a no_grad change.
     - transformers' and huggingface_hub's progress bars when a text encoder loads (must run before they import).
+    - bitsandbytes' note that an optional CPU 4-bit kernel isn't installed (peft imports it; 4-bit isn't used).
     """
     os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
     from hydra.errors import Hydra14MigrationWarning
@@ -102,6 +103,7 @@ def quiet_dependencies() -> None:
     warnings.filterwarnings('ignore', message=r'Up to version 1\.0\.1, the _prepare_tokens_and_attributes')
     warnings.filterwarnings('ignore', message=r'provider=hydra\.searchpath.* is not available')
     logging.getLogger('xformers').setLevel(logging.ERROR)
+    logging.getLogger('bitsandbytes.backends.cpu.ops').setLevel(logging.ERROR)
 
 
 def install_error_hook() -> None:

@@ -12,9 +12,11 @@ What it changes, hook by hook:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import resource
+import shlex
 import signal
 import time
 import typing as tp
@@ -28,12 +30,13 @@ from audiocraft.modules.conditioners import ConditioningAttributes
 from audiocraft.solvers import builders
 from audiocraft.solvers.audiogen import AudioGenSolver
 from audiocraft.utils import checkpoint
-from audiocraft.utils.utils import get_dataset_from_loader
+from audiocraft.utils.utils import get_dataset_from_loader, with_rank_rng
 
-from . import audio_io, dataprep, lm, package, project
+from . import adapters, audio_io, dataprep, evaluation, fastgen, lm, package, project
 from . import checkpoints as ckpt
 from . import tensorboard as tb_curves
 from .checkpoints import omegaconf_safe_globals
+from .errors import AudiogenError
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +72,73 @@ def _resolve_precision(cfg: omegaconf.DictConfig) -> None:
         cfg.autocast_dtype = 'float16'
 
 
+def _refuse_unsupported(cfg: omegaconf.DictConfig) -> None:
+    """Config values this solver can't honour stop the run by name, rather than being silently ignored."""
+    if cfg.fsdp.use:
+        raise adapters.AdapterError(
+            "fsdp.use=true is not supported: audiocraft's FSDP wrapper needs one CUDA device per process and refuses "
+            "autocast, and this solver's checkpoints, EMA and LoRA are not sharded. To fine-tune medium on one "
+            "24-48 GB GPU use adapter=lora; on several GPUs with a full copy each, `dora run -d` (data parallel).")
+    adapters.check_settings(cfg)
+    _check_evaluation(cfg)
+    decoder = str(cfg.generate.get('decoder') or 'fast')
+    if decoder not in fastgen.DECODERS:
+        raise AudiogenError(f"generate.decoder={decoder}: choose one of {', '.join(fastgen.DECODERS)}.")
+    if decoder == 'graph' and str(cfg.device) != 'cuda':
+        raise AudiogenError("generate.decoder=graph captures CUDA graphs and needs device=cuda; "
+                                    "use generate.decoder=fast on the CPU.")
+    if cfg.optim.eager_sync and cfg.optim.grad_accum_steps > 1:
+        raise adapters.AdapterError(
+            f"optim.eager_sync=true all-reduces gradients during the backward, which gradient accumulation "
+            f"(optim.grad_accum_steps={cfg.optim.grad_accum_steps}) can't do: the earlier micro-batches' gradients "
+            "would be skipped. Set optim.eager_sync=false (one all-reduce per update) or optim.grad_accum_steps=1.")
+
+
+# Evaluation scores that can choose the best state (the codec scores are fixed for a run; clap_real too).
+BEST_EVALUATE_METRICS = ('clap', 'kad', 'fad', 'kld')
+
+
+def _check_evaluation(cfg: omegaconf.DictConfig) -> None:
+    """Check `checkpoint.best_metric` and the evaluate block before training, not at the last epoch.
+
+    An evaluation model (CLAP) that isn't available offline only disables the scores that need it, with a warning,
+    unless the best state is chosen by one of them.
+    """
+    name = str(cfg.checkpoint.best_metric)
+    evaluation.metric_mode(name)
+    stage, _, key = name.partition('/')
+    settings = evaluation.EvalSettings.from_config(cfg)
+    if stage == 'valid' and key != 'ce':
+        raise evaluation.MetricsError(f"checkpoint.best_metric={name}: the valid stage reports ce (valid/ce); "
+                                      "evaluation scores are evaluate/<key>.")
+    if stage == 'evaluate':
+        if key not in BEST_EVALUATE_METRICS or key not in settings.metrics:
+            raise evaluation.MetricsError(
+                f"checkpoint.best_metric={name}: evaluate/{key} is not computed; choose valid/ce or one of "
+                f"{', '.join('evaluate/' + k for k in BEST_EVALUATE_METRICS)} with evaluate.metrics.<key>=true.")
+        if key in evaluation.CLAP_METRICS and not settings.clap_model:
+            raise evaluation.MetricsError(f"checkpoint.best_metric={name} needs a CLAP model: set evaluate.clap.model "
+                                          "(an HF id or a local dir).")
+        if not cfg.evaluate.every:
+            raise evaluation.MetricsError(
+                f"checkpoint.best_metric={name} needs an evaluation every few epochs: set evaluate.every (e.g. 1); "
+                "otherwise only the last epoch is evaluated.")
+    elif stage not in ('valid', 'evaluate'):
+        raise evaluation.MetricsError(f"checkpoint.best_metric={name}: use valid/ce or evaluate/<key>.")
+    try:
+        evaluation.check_models(cfg)
+    except evaluation.MetricsError as err:
+        if stage == 'evaluate':
+            raise
+        logger.warning("%s The CLAP-based evaluation scores are skipped in this run.", err)
+        cfg.evaluate.clap.model = None
+
+
 class AudioGenFinetuneSolver(AudioGenSolver):
     """Fine-tunes a pretrained AudioGen package. See the module docstring for the hooks it overrides."""
 
     def __init__(self, cfg: omegaconf.DictConfig):
+        _refuse_unsupported(cfg)
         _resolve_precision(cfg)
         self._bad_steps = 0
         self.rng = ckpt.RNGState(self._private_generators)
@@ -99,8 +165,22 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         self.logger.info("Codec: %d codebooks x %d bins at %d Hz frames, %d Hz audio.",
                          codec.num_codebooks, codec.cardinality, codec.frame_rate, codec.sample_rate)
         self.model: models.LMModel = lm.build_lm_model(self.cfg).to(self.device)
-        self.register_ema('model')
-        self.optimizer = builders.get_optimizer(builders.get_optim_parameter_groups(self.model), self.cfg.optim)
+        self.lora: tp.Any = None  # the peft tuner when adapter=lora
+        if adapters.enabled(self.cfg):
+            self._build_adapters()
+        elif self.cfg.freeze.first_layers or self.cfg.freeze.embeddings or self.cfg.freeze.conditioner:
+            self.logger.info("Frozen (freeze.*): %s", ', '.join(adapters.freeze(self.model, self.cfg)))
+        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        trainable, total = adapters.count(self.model)
+        self.logger.info("Trainable parameters: %s of %s (%.2f%%).", f'{trainable:,}', f'{total:,}',
+                         100 * trainable / max(total, 1))
+        if self.lora is None:
+            self.register_ema('model')
+        else:  # the EMA, the checkpoint's `model` and the best state hold the adapters only
+            self._ema_sources['model'] = self.adapter
+            self.stateful.register('model', self.adapter)
+            self.register_stateful('adapter_layout')
+        self.optimizer = build_optimizer(self.model, self.cfg.optim)
         name = self.cfg.schedule.lr_scheduler
         warmup = self.cfg.schedule.get(name, {}).get('warmup') if name else None
         if name in ('cosine', 'polynomial_decay') and warmup is not None and warmup >= self.total_updates:
@@ -108,7 +188,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                 f"schedule.{name}.warmup={warmup} must be below the {self.total_updates} updates of the run "
                 f"(optim.epochs x optim.updates_per_epoch): lower the warmup or train longer.")
         self.lr_scheduler = builders.get_lr_scheduler(self.optimizer, self.cfg.schedule, self.total_updates)
-        self.register_stateful('model', 'optimizer', 'lr_scheduler')
+        self.register_stateful(*(['model'] if self.lora is None else []), 'optimizer', 'lr_scheduler')
         self.register_best_state('model')
         self.autocast_dtype = {'float16': torch.float16, 'bfloat16': torch.bfloat16}[self.cfg.autocast_dtype]
         # audiocraft annotates the deprecated torch.cuda.amp.GradScaler; torch.amp's is the same class today.
@@ -117,12 +197,60 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             self.scaler = torch.amp.GradScaler('cuda')
             self.register_stateful('scaler')
 
+    def _build_adapters(self) -> None:
+        """Load the package's weights into the base, add LoRA adapters, and prove the output didn't change."""
+        self.model.load_state_dict(package.lm_state(self.package))
+        before = self._probe_logits()
+        self.lora = adapters.inject_lora(self.model, self.cfg.adapter)
+        after = self._probe_logits()
+        # NaN marks the positions the delay pattern leaves undefined: equal there too.
+        if not torch.allclose(before, after, rtol=0, atol=0, equal_nan=True):
+            raise adapters.AdapterError(
+                f"LoRA changed the model's output before any training (max difference "
+                f"{(before - after).nan_to_num().abs().max().item():.3g}); this is a bug, please report it with "
+                "the config.")
+        adapters.hold_base_in(self.model, self.cfg.adapter.base_dtype, self.device)
+        self.adapter = adapters.TrainableState(self.model)
+        self.adapter_layout = adapters.layout(self.model)
+        self.logger.info("LoRA rank %d on %s: %d adapted weights; the output equals the base model's before the "
+                         "first step.", self.cfg.adapter.rank, ', '.join(self.cfg.adapter.targets),
+                         len(self.adapter_layout))
+
+    @torch.no_grad()
+    def _probe_logits(self) -> torch.Tensor:
+        """The LM's logits for a fixed short input (eval mode: no dropout), to compare models exactly."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            provider = self.model.condition_provider
+            tokenized = provider.tokenize([ConditioningAttributes(text={'description': 'a dog barks in the rain'})])
+            conditions = provider(tokenized)
+            codes = torch.arange(4 * 8, device=self.device).reshape(1, 4, 8) % self.cfg.transformer_lm.card
+            codes = codes[:, :self.cfg.transformer_lm.n_q]
+            return self.model.compute_predictions(codes, [], conditions).logits.float().cpu()
+        finally:
+            self.model.train(was_training)
+
     def load_from_pretrained(self, name: str) -> dict:
         """Initial weights for a new XP: another XP's best state when ``name`` is a checkpoint, else a package's LM."""
         if Path(name).is_file():
             with torch.serialization.safe_globals(omegaconf_safe_globals()):
                 state = checkpoint.load_checkpoint(Path(name))
-            return {key: state[key] for key in ('best_state', 'fsdp_best_state') if key in state}
+            best = {key: state[key] for key in ('best_state', 'fsdp_best_state') if key in state}
+            holds_lora = any('.lora_' in key for key in (best.get('best_state') or {}).get('model', {}))
+            if holds_lora != (self.lora is not None):
+                raise adapters.AdapterError(
+                    f"continue_from={self.cfg.continue_from}: that checkpoint holds "
+                    f"{'LoRA adapters' if self.lora is None else 'a full fine-tune'}, but this run is "
+                    f"{'a full fine-tune' if self.lora is None else 'a LoRA run'}. Export it (python -m "
+                    "scripts.export <sig> DIR --merge) and start from the export with pretrained=DIR instead.")
+            return best
+        if self.lora is not None:
+            if name != self.package:
+                raise adapters.AdapterError(
+                    f"continue_from={name}: a LoRA run takes its base from `pretrained` ({self.package}); to put "
+                    f"adapters over another package, pass pretrained={name} instead.")
+            return {'best_state': {'model': {k: v.clone() for k, v in self.adapter.state_dict().items()}}}
         pkg = self.package if name == self.package else package.resolve(name, base_dir=project.resolve_path('.'))
         return {'best_state': {'model': package.lm_state(pkg)}}
 
@@ -227,7 +355,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         been undone, so it holds the trained weights.
         """
         try:
-            super().run_epoch()
+            self._run_stages()
         except Exception:
             updates = self.train_updates_per_epoch
             if updates and self.position.update >= updates and flashy.distrib.is_rank_zero():
@@ -237,6 +365,38 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                     "the cause, then re-run the same command to resume from there.", self.epoch, updates,
                     self.folder / 'checkpoint_step.th')
             raise
+
+    def _run_stages(self) -> None:
+        """train, then valid and evaluate on this epoch's (EMA) weights, the best state, then samples of the best.
+
+        audiocraft picks the best state right after valid (by the lowest ``ce``) and evaluates the *best* weights;
+        here evaluate scores the weights this epoch produced, so ``checkpoint.best_metric`` can be an evaluation
+        score (``evaluate/clap``, ...) as well as ``valid/ce``.
+        """
+        self.run_stage('train', self.train)
+        with torch.no_grad():
+            with self.swap_ema_state():
+                self.run_stage('valid', self.valid)
+                if self.should_run_stage('evaluate'):
+                    self.run_stage('evaluate', self.evaluate)
+                self._update_best_state()
+            with self.swap_best_state():
+                if self.should_run_stage('generate'):
+                    self.run_stage('generate', with_rank_rng()(self.generate))
+
+    def _update_best_state(self) -> None:
+        """Keep the current (EMA) weights as the best when this epoch beats the past on `checkpoint.best_metric`."""
+        name = self.cfg.checkpoint.best_metric
+        self._new_best_state = evaluation.is_new_best(self.history, self._pending_metrics, name)
+        if self._new_best_state:
+            stage, _, key = name.partition('/')
+            self.logger.info("New best state: %s=%.4f", name, self._pending_metrics[stage][key])
+            for source in self.best_state.states.keys():
+                self.best_state.update(source, self._get_state_source(source))
+
+    def evaluate(self) -> dict:
+        """Seeded clips of the valid captions, scored against the valid clips (solvers/evaluation.py)."""
+        return evaluation.evaluate_stage(self)
 
     # ---------------------------------------------------------------- train loop
     def train(self) -> dict:
@@ -274,7 +434,10 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                 if idx == start and start:
                     self.rng.load_state_dict(position.rng)  # type: ignore[arg-type]
                     self._bad_steps = position.bad_steps
-                metrics = self.run_step(idx, batch, {})
+                try:
+                    metrics = self.run_step(idx, batch, {})
+                except torch.OutOfMemoryError as err:
+                    raise self._out_of_memory(err) from None
                 self._step_ema(idx)
                 self.profiler.step()
                 if lp.update(**instant.update(metrics)):
@@ -287,6 +450,37 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                 if stop:
                     self._stop_if_signalled(f'update {idx + 1} of epoch {self.epoch} is checkpointed')
         return flashy.distrib.average_metrics(average.value, updates)
+
+    def _out_of_memory(self, err: BaseException) -> AudiogenError:
+        """A training step ran out of GPU memory: free it, and say what the planner expects and what would fit.
+
+        Nothing of this epoch's step is saved: the last checkpoint on disk is the one a re-run resumes from.
+        """
+        from . import memory
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        gpu_gb = (torch.cuda.get_device_properties(self.device).total_memory / memory.GB
+                  if torch.cuda.is_available() and str(self.device).startswith('cuda') else 24.0)
+        argv = list(getattr(getattr(self, 'xp', None), 'argv', []) or [])
+        lines = [f"Out of GPU memory in update {self.position.update + 1} of epoch {self.epoch} "
+                 f"({str(err).splitlines()[0][:160]})."]
+        try:
+            lines.append(memory.format_plan(memory.plan(self.cfg, gpu_gb, argv), 'The planner expected'))
+            fitted = memory.make_it_fit(argv, gpu_gb, project.compose)
+        except Exception as plan_err:  # the advice must never hide the error itself
+            self.logger.debug("No memory plan: %s", plan_err)
+            fitted = None
+        if fitted is not None:
+            lines.append("Re-run with: dora run " + shlex.join(fitted.overrides))
+        else:
+            lines.append("Re-run with adapter=lora transformer_lm.checkpointing=torch, or a smaller dataset.batch_size "
+                         "with a larger optim.grad_accum_steps (python -m scripts.plan_memory shows what fits).")
+        kept = self.checkpoint_path()
+        lines.append(f"Nothing was lost: {kept if kept.exists() else 'the XP folder'} holds the last checkpoint; "
+                     "a re-run with the same overrides resumes from it. Changing batch or adapter starts a new XP.")
+        return AudiogenError('\n'.join(lines))
 
     def _step_ema(self, idx: int) -> None:
         """Step the EMA every `optim.ema.updates` updates of the run, and at the end of an epoch that had none.
@@ -322,15 +516,19 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             # Equal-length segments give every micro-batch the same token count, so the mean of the N
             # micro-batch means is the mean over one batch N times larger.
             loss = ce / n
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            # optim.eager_sync (one micro-batch only, checked at build): all-reduce each gradient as the backward
+            # produces it, overlapping communication with compute.
+            with flashy.distrib.eager_sync_model(self.model) if self.cfg.optim.eager_sync else contextlib.nullcontext():
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             ce_total += ce.detach() / n
             ce_q_total = [q / n + (ce_q_total[k] if ce_q_total else 0) for k, q in enumerate(ce_per_codebook)]
             tokens += int(mask.sum())
-        flashy.distrib.sync_model(self.model)
+        if not self.cfg.optim.eager_sync:
+            flashy.distrib.sync_model(self.model)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.max_norm or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
         # The guard runs before the optimizer: a non-finite loss or gradient never reaches the weights,
         # the optimizer moments, the EMA or the LR schedule.
         if not (torch.isfinite(grad_norm) and torch.isfinite(ce_total)):
@@ -416,9 +614,10 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         duration = float(self.cfg.generate.duration)
         attributes = [ConditioningAttributes(text={'description': p}) for p in prompts]
         gen_len = math.ceil(duration * self.compression_model.frame_rate)
-        with self.autocast:
-            tokens = self.model.generate(None, attributes, max_gen_len=gen_len, num_samples=len(prompts),
-                                         **self.generation_params)
+        with self.autocast:  # the fast decoder (solvers/fastgen.py): the same tokens as audiocraft's loop
+            tokens = fastgen.generate(self.model, None, attributes, max_gen_len=gen_len, num_samples=len(prompts),
+                                      decoder=str(self.cfg.generate.get('decoder') or 'fast'),
+                                      **self.generation_params)
         audio = self.compression_model.decode(tokens, None).float().cpu()
         rtf = (time.time() - begin) / (duration * len(prompts))
         metrics = {'rtf': rtf}
@@ -587,7 +786,8 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                 for old in epochs[:max(0, len(epochs) - keep)]:
                     ckpt.remove(old)
         if self._new_best_state:
-            best = {key: state[key] for key in ('best_state', 'xp.cfg', 'xp.sig', 'history') if key in state}
+            best = {key: state[key] for key in ('best_state', 'xp.cfg', 'xp.sig', 'history', 'adapter_layout')
+                    if key in state}
             ckpt.atomic_save(best, self.checkpoint_path_with_name('best'))
         if self.cfg.checkpoint.save_last:
             ckpt.atomic_save(state, self.checkpoint_path())
@@ -655,3 +855,22 @@ def _peak_memory_gb(device: str) -> float:
     if str(device).startswith('cuda') and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
+
+
+def build_optimizer(model: torch.nn.Module, cfg: omegaconf.DictConfig) -> torch.optim.Optimizer:
+    """The optimizer over the model's trainable parameters (audiocraft's parameter groups, frozen ones left out).
+
+    ``optim.optimizer``: audiocraft's adam/adamw/dadam, or ``adamw8bit`` (bitsandbytes' 8-bit AdamW: its two moments
+    take 2 bytes per parameter instead of 8; it runs on CPU and CUDA).
+    """
+    groups = []
+    for group in builders.get_optim_parameter_groups(model):
+        params = [p for p in group['params'] if p.requires_grad]
+        if params:
+            groups.append({**group, 'params': params})
+    if cfg.optimizer == 'adamw8bit':
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.adam.betas), eps=cfg.adam.eps,
+                                   weight_decay=cfg.adam.weight_decay)
+    return builders.get_optimizer(tp.cast(tp.Any, groups), cfg)  # audiocraft accepts groups (annotated too narrowly)
+

@@ -263,3 +263,17 @@ def test_preemption_signal_checkpoints_then_resume_is_exact(tmp_path, resume_arg
     assert (folder / 'checkpoint_step.th').exists() or (folder / 'checkpoint.th').exists()
     run_dora(args, outputs)
     assert_same_training_state(uninterrupted, ckpt.safe_load(folder / 'checkpoint.th'))
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigkill_with_lora(tmp_path, resume_args):
+    """The same guarantee for a LoRA run: the adapters, their EMA, optimizer and history resume bitwise."""
+    args = resume_args + ['adapter=lora', 'dataset.num_workers=0']
+    run_dora(args, tmp_path / 'straight')
+    reference = ckpt.safe_load(xp_folder(tmp_path / 'straight') / 'checkpoint.th')
+    assert reference['model'] and all('.lora_' in key for key in reference['model'])
+    _run_killed(args, tmp_path / 'killed', random.Random(7).randint(1, 5))
+    resumed = ckpt.safe_load(xp_folder(tmp_path / 'killed') / 'checkpoint.th')
+    assert len(resumed['history']) == 2
+    assert_same_training_state(reference, resumed)
+    assert resumed['adapter_layout'] == reference['adapter_layout']

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from solvers import project
 
 GROUPS = {group: sorted(p.stem for p in (project.CONFIG_DIR / group).glob('*.yaml'))
-          for group in ('model', 'optim', 'slurm')}
+          for group in ('model', 'optim', 'slurm', 'adapter')}
 # Dataset presets other than the template are written by prepare_dataset (not committed): test the committed one.
 GROUPS['dataset'] = ['template']
 SOLVERS = sorted(f'audiogen/{p.stem}' for p in (project.CONFIG_DIR / 'solver' / 'audiogen').glob('*.yaml'))
@@ -19,6 +19,7 @@ def test_groups_hold_the_expected_presets():
     assert {'audiogen_medium', 'tiny'} <= set(GROUPS['model'])
     assert {'finetune', 'demo', 'cpu'} <= set(GROUPS['optim'])
     assert {'local', 'cluster'} <= set(GROUPS['slurm'])
+    assert {'none', 'lora'} <= set(GROUPS['adapter'])
     assert {'audiogen/train', 'audiogen/demo', 'audiogen/tiny'} <= set(SOLVERS)
 
 
@@ -73,8 +74,9 @@ def test_all_combinations_share_one_key_set():
         return out
 
     base = keys(project.compose([]))
-    for model, dataset in itertools.product(GROUPS['model'], GROUPS['dataset']):
-        assert keys(project.compose([f'model={model}', f'dataset={dataset}'])) == base, (model, dataset)
+    for model, dataset, adapter in itertools.product(GROUPS['model'], GROUPS['dataset'], GROUPS['adapter']):
+        overrides = [f'model={model}', f'dataset={dataset}', f'adapter={adapter}']
+        assert keys(project.compose(overrides)) == base, overrides
 
 
 def test_excluded_keys_keep_the_signature(tmp_path, monkeypatch):
@@ -84,11 +86,14 @@ def test_excluded_keys_keep_the_signature(tmp_path, monkeypatch):
     sig = train.main.get_xp(base).sig
     neutral = ['device=cuda', 'dataset.num_workers=3', 'logging.level=DEBUG', 'logging.log_updates=2',
                'checkpoint.keep_last=2', 'generate.every=5', 'num_threads=4', 'tensorboard.with_media_logging=false',
-               'efficient_attention_backend=xformers', 'evaluate.every=3']
+               'efficient_attention_backend=xformers', 'evaluate.every=3', 'evaluate.num_prompts=3',
+               'evaluate.clap.model=tiny', 'optim.ema.device=cpu', 'transformer_lm.checkpointing=torch']
     for override in neutral:
         assert train.main.get_xp(base + [override]).sig == sig, override
     assert train.main.get_xp(base + neutral).sig == sig
-    for override in ['optim.lr=1e-4', 'optim.grad_accum_steps=4', 'dataset.batch_size=4', 'model=audiogen_medium']:
+    for override in ['optim.lr=1e-4', 'optim.grad_accum_steps=4', 'dataset.batch_size=4', 'model=audiogen_medium',
+                     'adapter=lora', 'adapter.rank=8', 'freeze.first_layers=2', 'checkpoint.best_metric=evaluate/clap',
+                     'optim.optimizer=adamw8bit']:
         assert train.main.get_xp(base + [override]).sig != sig, override
 
 

@@ -204,7 +204,7 @@ def demo_grid_run(local_slurm, tiny_package, tiny_dataset, tmp_path_factory) -> 
         queued = subprocess.run(['squeue', '-h', '-p', local_slurm, '-o', '%i'], capture_output=True, text=True,
                                 timeout=30, check=True).stdout.split()
         # Monitoring (`-i` is in minutes) refreshes the table every 3 s and returns once every XP is done.
-        monitored = _dora('grid', ['demo', '-i', '0.05'], outputs, env, timeout=300)
+        monitored = _dora('grid', ['demo', '-i', '0.05'], outputs, env, timeout=900)
         _wait(lambda: _done(list(jobs.values())), 30, 'sacct shows the grid finished', list(jobs.values()))
         turnaround = time.monotonic() - begin
         again = _dora('grid', ['demo', '--no_monitoring'], outputs, env)
@@ -262,7 +262,10 @@ def test_demo_grid_does_not_resubmit_finished_xps(demo_grid_run):
 
 
 UPDATES = 12  # per epoch of the preempted XP: a signal sent at the first update leaves 11 to reach a boundary
-RESUMED = re.compile(r'Resuming epoch (\d+) at update (\d+)|Loading existing checkpoint: \S+checkpoint(_\d+)?\.th')
+# What the solver logs once per load of a checkpoint (a mid-epoch resume also logs "Resuming epoch N at update U of
+# M." when its training loop starts: not counted).
+RESUMED = re.compile(r'Resuming epoch (\d+) at update (\d+) from '
+                     r'|Loading existing checkpoint: \S+checkpoint(_\d+)?\.th')
 
 
 def _preempted_xp_overrides(package: Path, dataset: dict[str, Path]) -> list[str]:
