@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import shlex
+import sys
 import tempfile
 import time
 import typing as tp
@@ -606,22 +607,29 @@ def run(model, source: ModelSource, cfg: RunConfig, device: str) -> list[Path]:
         'max_batch': cfg.max_batch, 'versions': versions(),
     }
     writer = _Writer(model.sample_rate, cfg, source, params, common, device)
-    bar = tqdm(total=len(items), unit='clip', desc='generating', disable=not cfg.progress, dynamic_ncols=True)
+    # A live bar on a terminal; in a log file (SLURM, a pipe) one line per batch instead of carriage returns.
+    live = cfg.progress and sys.stderr.isatty()
+    bar = tqdm(total=len(items), unit='clip', desc='generating', disable=not live, dynamic_ncols=True)
     last_refresh = [0.0]
 
     def on_step(done: int, total: int) -> None:
         now = time.monotonic()
-        if now - last_refresh[0] > 0.5:
+        if now - last_refresh[0] > 0.5 or done == total:
             last_refresh[0] = now
             bar.set_postfix_str(f'step {done}/{total}')
 
     try:
-        for batch in batches:
+        for n, batch in enumerate(batches, 1):
             begin = time.perf_counter()
             audio = generate_batch(model, [i.prompt for i in batch], [i.seed for i in batch],
-                                   on_step if cfg.progress else None)
+                                   on_step if live else None)
             bar.update(writer.collect())  # the previous batch's files: complete (or its error raised) first
-            writer.submit(batch, audio, (time.perf_counter() - begin) / len(batch))
+            seconds = time.perf_counter() - begin
+            writer.submit(batch, audio, seconds / len(batch))
+            if cfg.progress and not live:
+                clips = f"{len(batch)} clip{'s' * (len(batch) != 1)}"
+                print(f"generating: batch {n}/{len(batches)} ({clips}) in {seconds:.1f} s", file=sys.stderr,
+                      flush=True)
         bar.update(writer.collect())
     except BaseException:
         writer.stop()

@@ -230,3 +230,14 @@ def test_generate_from_a_trained_xp_signature(trained_xp, tmp_path):
     meta = json.loads((folder / '1.json').read_text())
     assert meta['model_kind'] == 'xp' and meta['xp_sig'] == sig and meta['weights'] == 'best'
     assert meta['xp_epoch'] == 2 and math.isfinite(meta['lufs']) and abs(meta['lufs'] + 14) <= 1
+
+
+def test_progress_in_a_log_is_one_line_per_batch(tmp_path, tiny_package, capsys):
+    """stderr that isn't a terminal (a SLURM log, a pipe) gets one line per batch, never a bar's carriage returns."""
+    assert generate_cli.main(['dog', '--model', str(tiny_package), '--seeds', '0', '1', '2', '--duration', '0.5',
+                              '--max-batch', '2', '--device', 'cpu', '--out', str(tmp_path / 'out')]) == 0
+    err = capsys.readouterr().err
+    assert '\r' not in err
+    lines = [line for line in err.splitlines() if line.startswith('generating: ')]
+    assert [line.split(' in ')[0] for line in lines] == ['generating: batch 1/2 (2 clips)',
+                                                         'generating: batch 2/2 (1 clip)'], err

@@ -270,11 +270,12 @@ RESUMED = re.compile(r'Resuming epoch (\d+) at update (\d+) from '
 
 def _preempted_xp_overrides(package: Path, dataset: dict[str, Path]) -> list[str]:
     """A demo XP with 2 epochs of UPDATES updates, each logged, and cheap otherwise: small batches, no samples
-    (generation on a busy CPU costs more than this training)."""
+    (generation on a busy CPU costs more than this training), no loader processes (they restart at every stage, which
+    took minutes on a busy 2-core machine; resuming with workers is tested in test_checkpoints)."""
     return ['solver=audiogen/demo', f'pretrained={package}', f"datasource.train={dataset['train']}",
             f"datasource.valid={dataset['valid']}", 'optim.epochs=2', f'optim.updates_per_epoch={UPDATES}',
             f'logging.log_updates={UPDATES}', 'schedule.cosine.warmup=2', 'dataset.batch_size=4',
-            'generate.prompts=[]']
+            'generate.prompts=[]', 'dataset.num_workers=0']
 
 
 @pytest.mark.slurm
@@ -305,14 +306,14 @@ def test_preempted_xp_is_requeued_resumes_and_finishes(local_slurm, tiny_package
         return lambda: len(RESUMED.findall(text())) >= count
 
     try:
-        _wait(training(1), 120, 'the job trains', [job], logs, interval=0.1)
+        _wait(training(1), 300, 'the job trains', [job], logs, interval=0.1)
         subprocess.run(['scancel', '--signal=USR2', job], check=True, timeout=30)
-        usr2_to_resume = _wait(resumed(1), 120, 'the job is requeued after USR2 and resumes', [job], logs)
-        _wait(training(2), 120, 'the requeued job trains epoch 2', [job], logs, interval=0.1)
+        usr2_to_resume = _wait(resumed(1), 300, 'the job is requeued after USR2 and resumes', [job], logs)
+        _wait(training(2), 300, 'the requeued job trains epoch 2', [job], logs, interval=0.1)
         begin = time.monotonic()
         subprocess.run(['scontrol', 'requeue', job], check=True, timeout=30)
-        _wait(resumed(2), 120, 'the job is requeued after SIGTERM and resumes', [job], logs)
-        _wait(lambda: _done([job]), 180, 'the job finishes', [job], logs)
+        _wait(resumed(2), 300, 'the job is requeued after SIGTERM and resumes', [job], logs)
+        _wait(lambda: _done([job]), 400, 'the job finishes', [job], logs)
         requeue_to_finish = time.monotonic() - begin
     except BaseException:
         _cancel([job])
