@@ -18,13 +18,15 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 
 install: $(VENV)/.synced
 
-# Offline CPU demo: synthesise captioned sounds, prepare them, build the tiny stand-in package, fine-tune it.
+# Offline CPU demo: a tiny stand-in "pretrained" on 4 synthetic sound classes (codec + LM, built once and cached in
+# ~/.cache/audiogen-finetune) is fine-tuned on 3 classes it doesn't know; a fixed classifier scores its prompts before/after.
 demo: $(VENV)/.synced
-	$(PY) -m scripts.make_demo_data data/demo_raw
+	$(PY) -m scripts.make_tiny_package --trained
+	$(PY) -m scripts.make_demo_data data/demo_raw --classes new --per-class 16
 	$(PY) -m scripts.prepare_dataset data/demo_raw --name demo
-	$(PY) -m scripts.make_tiny_package
 	$(VENV)/bin/dora run solver=audiogen/demo
 	@$(PY) -m scripts.show_xp solver=audiogen/demo
+	@$(PY) -m scripts.demo_report solver=audiogen/demo
 
 test: $(VENV)/.synced
 	$(PY) -m pytest
@@ -36,5 +38,7 @@ lint: $(VENV)/.synced
 	$(VENV)/bin/ruff check solvers scripts tests benchmarks
 	$(VENV)/bin/mypy
 
+# Removes what make demo wrote in the clone, its XP included (the build cache stays: rm -rf ~/.cache/audiogen-finetune).
 clean-demo:
-	rm -rf data/demo_raw data/demo egs/demo outputs/pretrained/tiny
+	-@test -f config/dataset/demo.yaml && rm -rf "$$($(PY) -m scripts.show_xp --folder solver=audiogen/demo)"
+	rm -rf data/demo_raw data/demo egs/demo config/dataset/demo.yaml outputs/pretrained/tiny

@@ -15,11 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('overrides', nargs='*', help='dora run overrides that define the XP')
     parser.add_argument('--sig', help='an XP signature instead of overrides')
+    parser.add_argument('--folder', action='store_true', help='print only the XP folder (whether it ran or not)')
     args = parser.parse_args(argv)
     from solvers import train
 
     xp = train.main.get_xp_from_sig(args.sig) if args.sig else train.main.get_xp(args.overrides)
     folder = xp.folder
+    if args.folder:
+        print(folder)
+        return 0
     if not (folder / 'history.json').exists():
         print(f"XP {xp.sig} has not run yet (expected it in {folder}).", file=sys.stderr)
         return 1

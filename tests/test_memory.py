@@ -47,8 +47,9 @@ def test_planned_activations_match_what_autograd_saves(checkpointing):
     sys.path.insert(0, str(ROOT / 'benchmarks'))
     import bench_memory
 
-    overrides = ['transformer_lm.dim=128', 'transformer_lm.num_layers=3', f'transformer_lm.checkpointing={checkpointing}',
-                 'dataset.segment_duration=1.0', 'dataset.batch_size=2']
+    overrides = ['transformer_lm.dim=128', 'transformer_lm.num_layers=3',
+                 f'transformer_lm.checkpointing={checkpointing}', 'dataset.segment_duration=1.0',
+                 'dataset.batch_size=2']
     cfg, lm = bench_memory._lm(overrides)
     measured = bench_memory.measured_bytes(cfg, lm, 2, 50)
     assert memory.activation_bytes(cfg, 2, peak=False) == pytest.approx(measured, rel=0.15)
