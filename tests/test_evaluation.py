@@ -51,7 +51,7 @@ def parse(text: str) -> Tags:
 
 # ---------------------------------------------------------------------------------------------------- settings
 def test_settings_come_from_the_evaluate_block():
-    cfg = project.compose(['solver=audiogen/demo'])
+    cfg = project.compose(['solver=audiogen/train'])  # the base evaluate block (the CPU presets turn CLAP off)
     settings = evaluation.EvalSettings.from_config(cfg)
     assert settings.seeds == (0, 1) and settings.num_prompts == 8
     assert settings.duration == cfg.generate.duration  # evaluate.duration: null
