@@ -308,8 +308,10 @@ class AudioGenFinetuneSolver(AudioGenSolver):
     # ---------------------------------------------------------------- preemption
     def run(self) -> None:
         """audiocraft's epoch loop, with SIGTERM/SIGUSR2 (SLURM preemption, `scontrol requeue`, submitit's
-        pre-timeout signal) turned into "checkpoint at the next update boundary, then stop"."""
-        previous = {int(sig): signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+        pre-timeout signal) and a first Ctrl-C (SIGINT) turned into "checkpoint at the next update boundary, then
+        stop"; a second Ctrl-C stops at once."""
+        signals = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+        previous = {int(sig): signal.signal(sig, self._on_stop_signal) for sig in signals}
         self._previous_handlers: dict[int, tp.Any] = previous
         try:
             super().run()
@@ -324,7 +326,14 @@ class AudioGenFinetuneSolver(AudioGenSolver):
 
     def _on_stop_signal(self, signum: int, frame: tp.Any) -> None:
         name = signal.Signals(signum).name
-        self.logger.warning("Received %s: checkpointing at the next update, then stopping.", name)
+        if signum == signal.SIGINT:
+            if self._stop_signal == signal.SIGINT:  # the second Ctrl-C: the user wants out now
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.logger.warning("Received Ctrl-C: checkpointing at the next update, then stopping (Ctrl-C again to "
+                                "stop now, losing the updates since the last checkpoint).")
+        else:
+            self.logger.warning("Received %s: checkpointing at the next update, then stopping.", name)
         self._stop_signal = signum
 
     def _stop_if_signalled(self, saved: str) -> None:
@@ -335,7 +344,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         self.logger.warning("Stopping on %s; %s. Re-run the same command (SLURM requeues it) to resume.",
                             signal.Signals(signum).name, saved)
         handler = self._previous_handlers.get(signum)
-        if callable(handler):
+        if callable(handler) and signum != signal.SIGINT:  # Python's SIGINT handler would raise a traceback
             handler(signum, None)  # submitit: checkpoint_and_try_requeue (USR2) requeues the job and exits
         raise SystemExit(128 + signum)
 
