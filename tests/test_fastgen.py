@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import typing as tp
 
 import pytest
 import torch
+from conftest import ROOT
 from torch import nn
 
 from solvers import fastgen, generation, package
+
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+import bench_generate  # noqa: E402  (the benchmark's one-token-per-word tokenizer)
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
@@ -27,23 +32,6 @@ VARIANTS = {
     'float32 attention, qk norm in cross-attention': ('transformer_lm.attention_as_float32=true',
                                                       'transformer_lm.qk_layer_norm_cross=true'),
 }
-
-
-def word_tokenizer(n_bins: int) -> tp.Any:
-    """One token per word, so a prompt of n words is a condition of n tokens (audiocraft's `whitespace` tokenizer
-    needs a spaCy model that isn't on PyPI)."""
-    from audiocraft.modules.conditioners import Tokenizer, hash_trick, length_to_mask
-
-    class WordTokenizer(Tokenizer):
-        def __call__(self, texts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
-            words = [[] if text is None else text.split() for text in texts]
-            lengths = torch.tensor([len(w) for w in words], dtype=torch.int)
-            tokens = torch.zeros(len(texts), max(1, int(lengths.max())), dtype=torch.long)
-            for i, row in enumerate(words):
-                tokens[i, :len(row)] = torch.tensor([hash_trick(w, n_bins) for w in row], dtype=torch.long)
-            return tokens, length_to_mask(lengths, max_len=tokens.shape[1]).int()
-
-    return WordTokenizer()
 
 
 def random_lm(overrides: tuple[str, ...] = (), seed: int = 0, words: bool = True) -> tp.Any:
@@ -60,7 +48,7 @@ def random_lm(overrides: tuple[str, ...] = (), seed: int = 0, words: bool = True
             param.add_(torch.randn(param.shape, generator=generator) * 0.3 * (param.std() if param.numel() > 1 else 1))
     if words:
         conditioner = lm.condition_provider.conditioners['description']
-        conditioner.tokenizer = word_tokenizer(conditioner.embed.num_embeddings)
+        conditioner.tokenizer = bench_generate.word_tokenizer(conditioner.embed.num_embeddings)
     return lm
 
 
