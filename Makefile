@@ -12,8 +12,10 @@ export PYTHONWARNINGS := ignore
 $(UV):
 	$(PYTHON) -m pip install --user --quiet uv || $(PYTHON) -m pip install --user --quiet --break-system-packages uv
 
+# --compile-bytecode: every later process (each CLI, each `dora run`, each test subprocess) reads .pyc files instead of
+# compiling torch/audiocraft/transformers again, which matters where PYTHONDONTWRITEBYTECODE is set (about 7 s each).
 $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 	@touch $@
 
 install: $(VENV)/.synced

@@ -97,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
-    from solvers.project import quiet_dependencies
-    quiet_dependencies()
 
     def body() -> int:
         from solvers import evaluation

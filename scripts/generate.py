@@ -67,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
-    from solvers.project import quiet_dependencies
-    quiet_dependencies()  # import-time noise from dependencies that says nothing about this run
     from solvers.errors import AudiogenError
     try:
         prompts = list(args.prompts)

@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         train_ce = stages.get('train', {}).get('ce', float('nan'))
         valid_ce = stages.get('valid', {}).get('ce', float('nan'))
         print(f"  {epoch:5d}  {train_ce:8.3f}  {valid_ce:8.3f}")
+    from solvers.solver import next_commands
+    print("Next:")
+    for line in next_commands(xp.cfg, xp.sig):
+        print(f"  {line}")
     return 0
 
 

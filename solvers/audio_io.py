@@ -6,12 +6,13 @@ audiocraft's `audio_write` pipes every format, WAV included, through an `ffmpeg`
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchaudio.functional as AF
+
+from . import atomic
 
 FORMATS = {'wav': ('WAV', 'PCM_16'), 'flac': ('FLAC', 'PCM_16'), 'ogg': ('OGG', 'VORBIS'),
            'mp3': ('MP3', 'MPEG_LAYER_III')}
@@ -101,30 +102,14 @@ def write_audio(path: str | os.PathLike, wav: torch.Tensor, sample_rate: int, fm
     fmt = (fmt or path.suffix.lstrip('.') or 'wav').lower()
     if fmt not in FORMATS:
         raise ValueError(f"Unsupported audio format '{fmt}' for {path}: use one of {', '.join(FORMATS)}.")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; refusing to overwrite it.")
     data = wav.detach().float().cpu()
     if data.dim() == 1:
         data = data[None]
     if not torch.isfinite(data).all():
         raise ValueError(f"Refusing to write {path}: the waveform has NaN or Inf samples.")
     container, subtype = FORMATS[fmt]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.stem}.', suffix=f'.{fmt}.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            soundfile.write(f, data.clamp(-1, 1).numpy().T, sample_rate, format=container, subtype=subtype)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails instead of replacing a file created meanwhile
-            os.unlink(tmp)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.open_atomic(path, 'wb', overwrite) as f:
+        soundfile.write(f, data.clamp(-1, 1).numpy().T, sample_rate, format=container, subtype=subtype)
     return path
 
 

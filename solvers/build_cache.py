@@ -53,7 +53,8 @@ def load_or_build(name: str, recipe: dict, modules: tp.Sequence[ModuleType],
         build: returns the artefact: a dict of tensors, numbers and strings (loaded back with weights_only).
         what: how to name the artefact in the progress line, e.g. ``the tiny codec``.
     """
-    from .checkpoints import atomic_save, load_weights_only
+    from .atomic import save_torch
+    from .checkpoints import load_weights_only
 
     path = cache_dir() / f'{name}-{recipe_key(recipe, modules)}.pt'
     if path.is_file():
@@ -68,7 +69,7 @@ def load_or_build(name: str, recipe: dict, modules: tp.Sequence[ModuleType],
     state = build()
     state = {**state, 'recipe': json.dumps(recipe, sort_keys=True, default=str)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(state, path)
+    save_torch(state, path)
     print(f"Built {what} in {time.perf_counter() - begin:.0f} s.", flush=True)
     return state
 

@@ -1,7 +1,7 @@
 """Checkpoints that never lose work: atomic writes, safe loading, retention, RNG state for exact resume.
 
-- Writes go to a temporary file that is fsync'ed, renamed over the target, and the directory fsync'ed: a crash at any
-  point leaves the previous checkpoint intact (flashy renames but never fsyncs).
+- Writes go through :mod:`solvers.atomic` (a temporary file, fsync, rename, fsync of the folder): a crash at any point
+  leaves the previous checkpoint intact (flashy renames but never fsyncs).
 - Loading is `torch.load(weights_only=True)`: tensors, numbers, strings and containers only. audiocraft/flashy
   checkpoints also pickle the Hydra config object; we store it as YAML, and to read checkpoints written by stock
   audiocraft we allow exactly OmegaConf's container and node classes, plain data holders whose unpickling runs no
@@ -13,16 +13,14 @@ import collections
 import os
 import pickle
 import random
-import tempfile
 import typing as tp
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import atomic
 from .errors import AudiogenError
-
-TMP_SUFFIX = '.tmp'
 
 
 class CheckpointError(AudiogenError, RuntimeError):
@@ -40,42 +38,10 @@ def omegaconf_safe_globals() -> list:
             tp.Any, dict, list, int, float, str, bool, collections.defaultdict]
 
 
-def fsync_dir(path: Path) -> None:
-    """Persist a directory entry (a rename or an unlink) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_save(state: tp.Any, path: Path) -> None:
-    """torch.save to ``<path>.<random>.tmp``, fsync, rename over ``path``, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'{path.name}.', suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints and packages are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def remove(path: Path) -> None:
-    """Delete a file durably (no-op when absent)."""
-    if path.exists():
-        path.unlink()
-        fsync_dir(path.parent)
-
-
 def clean_stale_tmp(folder: Path) -> list[Path]:
-    """Remove temporary files left by a crash during a save (ours and flashy's ``.tmp`` files)."""
-    stale = [p for p in folder.glob('checkpoint*') if p.name.endswith(TMP_SUFFIX) or p.name.endswith('.tmp.done')]
+    """Remove temporary files left by a crash during a save (ours, those of earlier versions, and flashy's)."""
+    older = [p for p in folder.glob('checkpoint*') if p.name.endswith(('.tmp', '.tmp.done'))]
+    stale = [p for p in atomic.stale_temporaries(folder) if p.name.startswith('.checkpoint')] + older
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

@@ -23,6 +23,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from . import atomic
 from .errors import AudiogenError
 from .project import data_root, user_config_dir
 
@@ -230,41 +231,6 @@ def _hash_text(text: str, size: int = 8) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=size).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the complete new one.
-
-    Args:
-        path: Destination.
-        data: Full content.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-
-
 def encode_wav_pcm16(samples: np.ndarray, sample_rate: int) -> bytes:
     """Encode mono float samples as a canonical 44-byte-header PCM16 WAV (clipping at full scale).
 
@@ -369,7 +335,7 @@ def _write_sidecars(src: Source, wav_dir: Path, outputs: list[dict[str, Any]]) -
                 continue
         except OSError:
             pass
-        atomic_write(path, data)
+        atomic.write_bytes(path, data, sync_dir=False)  # the folder is fsynced once, after the conversion
 
 
 def convert_one(task: ConvertTask) -> ConvertResult:
@@ -482,7 +448,7 @@ def convert_one(task: ConvertTask) -> ConvertResult:
                                 "is silent and was dropped"))
             continue
         name = f"{src.base}.wav" if len(chunks) == 1 else f"{src.base}-c{i + 1:03d}.wav"
-        atomic_write(wav_dir / name, encode_wav_pcm16(piece, SAMPLE_RATE))
+        atomic.write_bytes(wav_dir / name, encode_wav_pcm16(piece, SAMPLE_RATE), sync_dir=False)
         outputs.append({"name": name, "duration": (end - start) / SAMPLE_RATE, "start": start / SAMPLE_RATE})
     if len(chunks) > 1:
         issues.append(Issue(src.rel, INFO, "split", f"{duration:.1f} s split into {len(chunks)} chunks of "
@@ -971,7 +937,7 @@ def write_preset(path: Path, body: str, force: bool) -> tuple[str, str | None]:
         return "unchanged", None
     if old is None or force or _is_unedited(old):
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, text.encode("utf-8"))
+        atomic.write_bytes(path, text.encode("utf-8"))
         return ("written" if old is None else "overwritten (--force)" if force and not _is_unedited(old)
                 else "updated"), None
     return ("kept: you edited it; --force replaces it",
@@ -1187,7 +1153,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         stale = [p for p in wav_dir.iterdir() if p.is_file() and p.name not in live and not p.name.startswith(".")]
         for p in stale:
             p.unlink()
-        _fsync_dir(wav_dir)
+        atomic.fsync_dir(wav_dir)
 
         splits = assign_splits(kept, cfg.valid_fraction)
         entries: dict[str, list[dict[str, Any]]] = {"train": [], "valid": []}
@@ -1202,7 +1168,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         for split, rows in entries.items():
             (egs_dir / split).mkdir(parents=True, exist_ok=True)
             target = egs_dir / split / "data.jsonl.gz"
-            atomic_write(target, manifest_bytes(rows))
+            atomic.write_bytes(target, manifest_bytes(rows))
             manifests[split] = str(target)
 
         notes = []
@@ -1220,7 +1186,8 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
             notes.append(note)
 
         # Compact the journal to the current sources.
-        atomic_write(state_path, b"".join((json.dumps(records[r]) + "\n").encode("utf-8") for r in sorted(records)))
+        state_lines = b"".join((json.dumps(records[r]) + "\n").encode("utf-8") for r in sorted(records))
+        atomic.write_bytes(state_path, state_lines)
 
         order = {REJECTED: 0, FLAGGED: 1, INFO: 2}
         issues.sort(key=lambda i: (order.get(i.status, 3), i.path, i.code))
@@ -1260,9 +1227,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
             "notes": notes,
             "issues": [asdict(i) for i in issues],
         }
-        atomic_write(out_dir / "report.json", (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
-        atomic_write(out_dir / "report.txt", format_report_text(report).encode("utf-8"))
-        _fsync_dir(out_dir)
+        atomic.write_bytes(out_dir / "report.json", (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+        atomic.write_bytes(out_dir / "report.txt", format_report_text(report).encode("utf-8"))
+        atomic.fsync_dir(out_dir)
         exit_code = 0
         if not kept:
             exit_code = 1

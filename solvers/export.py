@@ -16,19 +16,17 @@ Package layout written (facebook/audiogen-medium's):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import shutil
-import tempfile
 import typing as tp
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import adapters, package, project
-from .checkpoints import atomic_save, fsync_dir, load_weights_only
+from . import adapters, atomic, package, project
+from .atomic import save_torch
+from .checkpoints import load_weights_only
 from .errors import AudiogenError
 
 WEIGHTS = ('best', 'ema', 'last')
@@ -306,29 +304,15 @@ def export_xp(spec: str | os.PathLike, out_dir: str | os.PathLike, weights: str 
     provenance = {'xp': str(xp.folder), 'sig': xp.sig, 'weights': xp.weights, 'epoch': xp.epoch,
                   'pretrained': xp.package, 'half': half, 'max_duration': xp.lm_cfg.dataset.segment_duration,
                   'kind': 'adapter' if adapter_only else 'package', 'versions': versions()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', suffix='.tmp', dir=out.parent))
-    try:
+    with atomic.open_dir(out) as tmp:
         if adapter_only:
             assert xp.adapter is not None
-            atomic_save({'xp.cfg': OmegaConf.to_yaml(xp.lm_cfg), 'base': xp.package,
+            save_torch({'xp.cfg': OmegaConf.to_yaml(xp.lm_cfg), 'base': xp.package,
                          'adapter_state': maybe_half(xp.adapter['adapter_state']),
                          'adapter_layout': xp.adapter['adapter_layout'], 'version': versions()['audiocraft'],
                          'exported': True}, tmp / package.ADAPTER_FILE)
         else:
             codec_cfg, codec_state = codec_files(xp.package)
             package.write(tmp, xp.lm_cfg, maybe_half(xp.lm_state), codec_cfg, codec_state)
-        (tmp / 'export.json').write_text(json.dumps(provenance, indent=2) + '\n')
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; packages are meant to be shared
-        if out.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', suffix='.old', dir=out.parent))
-            os.rename(out, aside / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(aside)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(out.parent)
+        atomic.write_json(tmp / 'export.json', provenance)
     return out

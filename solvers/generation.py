@@ -25,13 +25,11 @@ import contextlib
 import dataclasses
 import datetime
 import functools
-import json
 import logging
 import math
 import os
 import shlex
 import sys
-import tempfile
 import time
 import typing as tp
 from pathlib import Path
@@ -39,7 +37,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import audio_io, export, fastgen, package
+from . import atomic, audio_io, export, fastgen, package
 from .errors import AudiogenError
 
 logger = logging.getLogger(__name__)
@@ -109,13 +107,16 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
         raise GenerationError(f"--weights {weights} applies to training XPs; '{spec}' is a pretrained package, which "
                               "holds one set of weights. Drop --weights, or pass the XP's signature or folder.")
     path = Path(spec).expanduser()
+    if not path.is_dir():
+        path = package.local_package(spec) or path  # a bare name, as in `pretrained=tiny`
     if path.is_dir():
         return ModelSource(given=spec, kind='package', path=package.resolve(path))
     if package.is_hub_id(spec):
         return ModelSource(given=spec, kind='hub', path=spec)
     raise GenerationError(
         f"Unknown model '{spec}': it is not a directory (looked for {path.resolve()}), not the signature of an XP "
-        f"under {export.xps_dir()}, and not a Hugging Face id (owner/name). Pass facebook/audiogen-medium, a "
+        f"under {export.xps_dir()}, not a package under {package.local_packages_dir()}, and not a Hugging Face id "
+        "(owner/name). Pass facebook/audiogen-medium, a "
         "package directory (state_dict.bin + compression_state_dict.bin, e.g. from scripts/export.py), or an XP "
         "signature/folder (set AUDIOGEN_OUTPUTS if the run wrote its XPs elsewhere).")
 
@@ -496,22 +497,6 @@ def allocate_folder(root: Path, prompt: str, stamp: str) -> Path:
     raise GenerationError(f"Too many runs named {stamp} in {parent}.")
 
 
-def write_json(path: Path, data: dict) -> Path:
-    """Write JSON atomically, refusing to replace an existing file."""
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.stem}.', suffix='.json.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=False)
-            f.write('\n')
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.link(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
 def _finite(value: float) -> float | None:
     return round(value, 3) if math.isfinite(value) else None
 
@@ -707,7 +692,7 @@ def _write_item(item: Item, wav: torch.Tensor, sample_rate: int, cfg: RunConfig,
                                        common['dtype']),
     }
     try:
-        write_json(item.folder / f'{item.seed}.json', sidecar)
+        atomic.write_json(item.folder / f'{item.seed}.json', sidecar, overwrite=False)
     except BaseException:
         path.unlink(missing_ok=True)  # no audio without its sidecar
         raise

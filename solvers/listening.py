@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataprep import atomic_write
+from . import atomic
 from .metrics import HIGHER_IS_BETTER
 
 # The table's columns, in order, with their headers; a column shows only when some model has the score.
@@ -66,7 +66,7 @@ def spectrogram_png(wav: torch.Tensor, sample_rate: int, path: Path, root: Path)
     buffer = io.BytesIO()
     spectrogram_image(wav, sample_rate).save(buffer, format='PNG')
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buffer.getvalue())
+    atomic.write_bytes(path, buffer.getvalue())
     return str(path.relative_to(root))
 
 
@@ -224,7 +224,7 @@ def page(report: dict) -> str:
 
 def write_report(folder: Path, report: dict) -> None:
     """Write report.json, summary.md and index.html into ``folder``."""
-    atomic_write(folder / 'report.json', (json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False)
+    atomic.write_bytes(folder / 'report.json', (json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False)
                                           + '\n').encode('utf-8'))
-    atomic_write(folder / 'summary.md', markdown(report).encode('utf-8'))
-    atomic_write(folder / 'index.html', page(report).encode('utf-8'))
+    atomic.write_bytes(folder / 'summary.md', markdown(report).encode('utf-8'))
+    atomic.write_bytes(folder / 'index.html', page(report).encode('utf-8'))

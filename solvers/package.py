@@ -88,6 +88,12 @@ def local_packages_dir() -> Path:
     return outputs_dir() / 'pretrained'
 
 
+def local_package(name: str) -> Path | None:
+    """The built package a bare name (``tiny``) refers to, under :func:`local_packages_dir`; None if there is none."""
+    path = local_packages_dir() / name
+    return path if _is_local_name(name) and path.is_dir() else None
+
+
 def _is_local_name(text: str) -> bool:
     """A bare package name such as ``tiny``: no path separator, not an HF id."""
     return bool(re.fullmatch(r'[A-Za-z0-9][\w.-]*', text)) and text not in ('.', '..')
@@ -256,7 +262,7 @@ def write(out_dir: str | os.PathLike, lm_cfg: DictConfig | str, lm_state_dict: d
     """
     import audiocraft
 
-    from .checkpoints import atomic_save
+    from .atomic import save_torch
 
     out = Path(out_dir)
 
@@ -267,7 +273,7 @@ def write(out_dir: str | os.PathLike, lm_cfg: DictConfig | str, lm_state_dict: d
         return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
     meta = {'version': audiocraft.__version__, 'exported': True}
-    atomic_save({'xp.cfg': as_yaml(compression_cfg), 'best_state': plain(compression_state_dict), **meta},
+    save_torch({'xp.cfg': as_yaml(compression_cfg), 'best_state': plain(compression_state_dict), **meta},
                  out / COMPRESSION_FILE)
-    atomic_save({'xp.cfg': as_yaml(lm_cfg), 'best_state': plain(lm_state_dict), **meta}, out / LM_FILE)
+    save_torch({'xp.cfg': as_yaml(lm_cfg), 'best_state': plain(lm_state_dict), **meta}, out / LM_FILE)
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import shlex
 import sys
 import typing as tp
 import warnings
@@ -49,6 +50,34 @@ def outputs_dir() -> Path:
     return configured if configured.is_absolute() else data_root() / configured
 
 
+def next_commands(sig: str, name: str, base: str, prompt: str | None = None, clap: bool = True) -> list[str]:
+    """What a user does with a trained XP, as the commands to type (printed after training and by show_xp).
+
+    Args:
+        sig: the XP signature.
+        name: the dataset's name (its valid split is evaluated; the export folder is named after it).
+        base: the pretrained package the XP started from (evaluated beside the XP).
+        prompt: a prompt to generate (one of the XP's sample prompts); a placeholder when None.
+        clap: False when the XP's config has no CLAP model (the CPU presets): evaluate without CLAP scores.
+    """
+    no_clap = '' if clap else ' --clap-model none'
+    quoted = shlex.quote(prompt) if prompt else '"<your prompt>"'
+    return [
+        f"tensorboard --logdir {_shown(outputs_dir() / 'tensorboard')}     # curves: one run per XP",
+        f"python -m scripts.generate {quoted} --model {sig} --batch_size 5",
+        f"python -m scripts.export {sig} exported/{name}     # a package AudioGen.get_pretrained loads",
+        f"python -m scripts.evaluate {shlex.quote(base)} {sig} --dataset {name}{no_clap}     # base vs fine-tune",
+    ]
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it (shorter to read and to type)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def compose(overrides: tp.Sequence[str] = ()) -> DictConfig:
     """Compose the Hydra config exactly as `dora run <overrides>` would, without running anything.
 
@@ -61,7 +90,6 @@ def compose(overrides: tp.Sequence[str] = ()) -> DictConfig:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    quiet_dependencies()
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONFIG_DIR), version_base='1.1', job_name='audiogen'):
         return compose_or_explain(lambda: hydra_compose('config', overrides=list(overrides)), overrides)

@@ -13,6 +13,7 @@ What it changes, hook by hook:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import resource
@@ -32,7 +33,7 @@ from audiocraft.solvers.audiogen import AudioGenSolver
 from audiocraft.utils import checkpoint
 from audiocraft.utils.utils import get_dataset_from_loader, with_rank_rng
 
-from . import adapters, audio_io, dataprep, evaluation, fastgen, lm, package, project
+from . import adapters, atomic, audio_io, dataprep, evaluation, fastgen, lm, package, project
 from . import checkpoints as ckpt
 from . import tensorboard as tb_curves
 from .checkpoints import omegaconf_safe_globals
@@ -299,6 +300,8 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                 self.cfg.dataset[split].num_samples = len(dataprep.read_manifest(path))
                 covered.append(split)
         super().build_dataloaders()
+        for loader in self.dataloaders.values():
+            loader.worker_init_fn = functools.partial(_worker_ignores_ctrl_c, chained=loader.worker_init_fn)
         for split in covered:
             if split in self.dataloaders:
                 _read_every_clip_once(get_dataset_from_loader(self.dataloaders[split]))
@@ -318,11 +321,18 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if self._epochs_run == 0 and self.epoch > self.cfg.optim.epochs:
+        if self.epoch <= self.cfg.optim.epochs:
+            return
+        if self._epochs_run == 0:
             self.logger.info(
                 "XP %s is complete: it trained all %d epochs before (%s). Nothing to do. To train on from its best "
                 "weights, start a new XP with continue_from=//sig/%s (and e.g. optim.epochs=N).",
                 self.xp.sig, self.cfg.optim.epochs, self.folder, self.xp.sig)
+        self.logger.info("Next:\n%s", '\n'.join(f'  {line}' for line in self.next_commands()))
+
+    def next_commands(self) -> list[str]:
+        """The commands that use this XP (curves, generate, export, evaluate): see :func:`next_commands`."""
+        return next_commands(self.cfg, self.xp.sig, self.sample_prompts())
 
     def _on_stop_signal(self, signum: int, frame: tp.Any) -> None:
         name = signal.Signals(signum).name
@@ -369,6 +379,8 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             updates = self.train_updates_per_epoch
             if updates and self.position.update >= updates and flashy.distrib.is_rank_zero():
                 self._save_step_checkpoint()
+                if self._stop_signal is not None:  # e.g. a Ctrl-C that reached the loader's workers too
+                    self._stop_if_signalled(f'the {updates} trained updates of epoch {self.epoch} are checkpointed')
                 self.logger.error(
                     "Epoch %d failed after its training (error below). Its %d trained updates are saved in %s: fix "
                     "the cause, then re-run the same command to resume from there.", self.epoch, updates,
@@ -435,7 +447,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         lp = self.log_progress('train', loader, total=updates, updates=self.log_updates)
         instant = ckpt.RunningMean()
         with self.profiler, self.deadlock_detect:
-            for idx, batch in enumerate(lp):
+            for idx, batch in enumerate(self._batches_until_stopped(lp)):
                 if idx >= updates:
                     break
                 if idx < start:
@@ -458,7 +470,30 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                     self._save_step_checkpoint()
                 if stop:
                     self._stop_if_signalled(f'update {idx + 1} of epoch {self.epoch} is checkpointed')
+            if self._stop_signal is not None and position.update < updates:  # the loader ended with the signal
+                self._save_step_checkpoint()
+                self._stop_if_signalled(f'update {position.update} of epoch {self.epoch} is checkpointed')
         return flashy.distrib.average_metrics(average.value, updates)
+
+    def _batches_until_stopped(self, batches: tp.Iterable) -> tp.Iterator:
+        """``batches``, ended early when the loader fails after a stop signal.
+
+        A terminal's Ctrl-C reaches the loader's workers too. They ignore it once started
+        (:func:`_worker_ignores_ctrl_c`), but one still starting can die of it; the loop then stops at the update
+        boundary it is on, which `train` checkpoints.
+        """
+        iterator = iter(batches)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except Exception as err:
+                if self._stop_signal is None:
+                    raise
+                self.logger.warning("The data loader stopped with the signal (%s).", str(err).splitlines()[0][:200])
+                return
+            yield batch
 
     def _out_of_memory(self, err: BaseException) -> AudiogenError:
         """A training step ran out of GPU memory: free it, and say what the planner expects and what would fit.
@@ -654,13 +689,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         if self.cfg.generate.prompts is not None:
             return [str(p) for p in self.cfg.generate.prompts]
         if not hasattr(self, '_dataset_prompts'):
-            wanted = int(self.cfg.generate.get('prompts_from_dataset') or 0)
-            found: list[str] = []
-            for split in ('valid', 'train'):
-                path = self.cfg.datasource.get(split)
-                if isinstance(path, str) and len(found) < wanted:
-                    found += [c for c in dataprep.manifest_captions(path, wanted) if c not in found]
-            self._dataset_prompts = found[:wanted]
+            self._dataset_prompts = sample_prompts(self.cfg)
             self.logger.info("Sample prompts from the dataset's captions: %s", self._dataset_prompts)
         return self._dataset_prompts
 
@@ -697,8 +726,14 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             if not str(source).startswith('//pretrained/'):
                 self.logger.info("New XP: initialising the LM from %s", source)
                 self.cfg.continue_from = f'//pretrained/{_continue_source(source, self.package)}'
-        with torch.serialization.safe_globals(omegaconf_safe_globals()):
-            return super().load_checkpoints(load_best, ignore_state_keys)
+        # audiocraft then notes "Ignoring 'load_best' and 'ignore_state_keys' params", about parameters no user set.
+        quiet = _DropMessage("Loading a pretrained model. Ignoring 'load_best'")
+        self.logger.addFilter(quiet)
+        try:
+            with torch.serialization.safe_globals(omegaconf_safe_globals()):
+                return super().load_checkpoints(load_best, ignore_state_keys)
+        finally:
+            self.logger.removeFilter(quiet)
 
     def _resume_candidates(self) -> list[Path]:
         """Checkpoints of this XP, newest position first: step, last, then epoch checkpoints by epoch."""
@@ -788,26 +823,26 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         state = self.state_dict()
         folder = self.folder
         if self.cfg.checkpoint.save_every and epoch % self.cfg.checkpoint.save_every == 0:
-            ckpt.atomic_save(state, self.epoch_checkpoint_path(epoch))
+            atomic.save_torch(state, self.epoch_checkpoint_path(epoch))
             keep = self.cfg.checkpoint.keep_last
             if keep is not None and keep >= 0:
                 epochs = sorted(folder.glob('checkpoint_[0-9]*.th'), key=lambda p: int(p.stem.split('_')[1]))
                 for old in epochs[:max(0, len(epochs) - keep)]:
-                    ckpt.remove(old)
+                    atomic.remove(old)
         if self._new_best_state:
             best = {key: state[key] for key in ('best_state', 'xp.cfg', 'xp.sig', 'history', 'adapter_layout')
                     if key in state}
-            ckpt.atomic_save(best, self.checkpoint_path_with_name('best'))
+            atomic.save_torch(best, self.checkpoint_path_with_name('best'))
         if self.cfg.checkpoint.save_last:
-            ckpt.atomic_save(state, self.checkpoint_path())
-        ckpt.remove(folder / 'checkpoint_step.th')
+            atomic.save_torch(state, self.checkpoint_path())
+        atomic.remove(folder / 'checkpoint_step.th')
 
     def _save_step_checkpoint(self) -> None:
         """A mid-epoch checkpoint: the full state, `position` included (where the epoch stands)."""
         if not flashy.distrib.is_rank_zero():
             return
         self.position.rng = self.rng.state_dict()
-        ckpt.atomic_save(self.state_dict(), self.folder / 'checkpoint_step.th')
+        atomic.save_torch(self.state_dict(), self.folder / 'checkpoint_step.th')
         self.logger.info("Step checkpoint at epoch %d update %d", self.epoch, self.position.update)
 
 def _continue_source(value: str, pretrained: str) -> str:
@@ -883,3 +918,52 @@ def build_optimizer(model: torch.nn.Module, cfg: omegaconf.DictConfig) -> torch.
                                    weight_decay=cfg.adam.weight_decay)
     return builders.get_optimizer(tp.cast(tp.Any, groups), cfg)  # audiocraft accepts groups (annotated too narrowly)
 
+
+class _DropMessage(logging.Filter):
+    """Drops the log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def _worker_ignores_ctrl_c(worker_id: int, chained: tp.Callable[[int], None] | None = None) -> None:
+    """A data-loader worker's start: ignore SIGINT, which a terminal's Ctrl-C sends to the whole process group.
+
+    The main process turns a first Ctrl-C into "checkpoint at the next update, then stop" and still needs its
+    workers' batches until then; a worker that died of it would fail the loader instead.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if chained is not None:
+        chained(worker_id)
+
+
+def sample_prompts(cfg: omegaconf.DictConfig) -> list[str]:
+    """The prompts of an XP's samples: `generate.prompts`, or when null the first `generate.prompts_from_dataset`
+    distinct captions of its valid split, then of its train split."""
+    if cfg.generate.prompts is not None:
+        return [str(p) for p in cfg.generate.prompts]
+    wanted = int(cfg.generate.get('prompts_from_dataset') or 0)
+    found: list[str] = []
+    for split in ('valid', 'train'):
+        path = cfg.datasource.get(split)
+        if isinstance(path, str) and len(found) < wanted:
+            found += [c for c in dataprep.manifest_captions(path, wanted) if c not in found]
+    return found[:wanted]
+
+
+def next_commands(cfg: omegaconf.DictConfig, sig: str, prompts: tp.Sequence[str] | None = None) -> list[str]:
+    """The commands that use an XP: curves, generate (one of its sample prompts), export, evaluate against its base.
+
+    Args:
+        cfg: the XP's config (``xp.cfg``).
+        sig: its signature.
+        prompts: its sample prompts when known (else read from the config and the manifests).
+    """
+    prompts = sample_prompts(cfg) if prompts is None else prompts
+    return project.next_commands(
+        sig, Path(str(cfg.datasource.train)).parent.name, str(cfg.pretrained), prompts[0] if prompts else None,
+        clap=bool(cfg.evaluate.clap.model))

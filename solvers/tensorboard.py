@@ -62,22 +62,43 @@ class CurvesLogger(TensorboardLogger):
     """
 
     def __init__(self, save_dir: str | Path, updates_per_epoch: tp.Callable[[], int], with_media_logging: bool = True):
-        super().__init__(save_dir, with_media_logging=with_media_logging)
+        # flashy's __init__ would open an event file at once; this one opens it at the first point logged, so a
+        # launch that logs nothing (re-running a finished XP) leaves no empty event file in the run.
+        self._with_media_logging = with_media_logging
+        self._save_dir = str(save_dir)
+        self._name = 'tensorboard'
+        self._writer = None
+        self._hparams: list = []
         self.updates_per_epoch = updates_per_epoch
 
+    @property  # type: ignore[override]
+    def writer(self) -> tp.Any:
+        """The SummaryWriter, opened on first use on rank 0 (None on other ranks); pending hparams go in first."""
+        import flashy
+        if not flashy.distrib.is_rank_zero():
+            return None
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(self._save_dir)
+            file_writer = self._writer._get_file_writer()
+            for summary in self._hparams:
+                file_writer.add_summary(summary)
+        return self._writer
+
+    def is_disabled(self) -> bool:
+        return not self._save_dir
+
     def log_hyperparams(self, params: tp.Any, metrics: dict | None = None) -> None:
-        """Write the config into this run (flashy's add_hparams opens a new run per launch)."""
+        """Keep the config for this run, written with its first point (flashy's add_hparams opens a new run per
+        launch)."""
         from flashy.loggers.utils import _convert_params, _flatten_dict, _sanitize_params
         from torch.utils.tensorboard.summary import hparams
 
-        writer = self.writer
-        if writer is None:
-            return
         flat = _sanitize_params(_flatten_dict(_convert_params(params)))
-        experiment, start, end = hparams(flat, metrics or {'ce/valid': float('nan')})
-        file_writer = writer._get_file_writer()
-        for summary in (experiment, start, end):
-            file_writer.add_summary(summary)
+        self._hparams = list(hparams(flat, metrics or {'ce/valid': float('nan')}))
+        if self._writer is not None:
+            for summary in self._hparams:
+                self._writer._get_file_writer().add_summary(summary)
 
     def log_metrics(self, prefix: tp.Any, metrics: dict, step: int | None = None) -> None:
         """Per-epoch stage summaries (``step`` is the epoch), placed at the update that ended the epoch."""

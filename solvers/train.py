@@ -22,7 +22,6 @@ from .errors import AudiogenError
 from .project import outputs_dir, resolve_path
 from .slurm import slurm_parameters
 
-project.quiet_dependencies()
 project.install_error_hook()
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, run_dora, subprocess_env
 
+from solvers import atomic
 from solvers import checkpoints as ckpt
 
 TIMING_KEYS = {'duration', 'tokens_per_s', 'mem_gb', 'rtf'}
@@ -63,7 +64,7 @@ def _flatten(tree, prefix=''):
 # ---------------------------------------------------------------- units
 def test_atomic_save_leaves_the_previous_checkpoint_on_a_crash(tmp_path, monkeypatch):
     path = tmp_path / 'checkpoint.th'
-    ckpt.atomic_save({'model': torch.ones(3)}, path)
+    atomic.save_torch({'model': torch.ones(3)}, path)
 
     def crash(obj, f, *args, **kwargs):
         f.write(b'PK\x03\x04 half a zip')
@@ -71,7 +72,7 @@ def test_atomic_save_leaves_the_previous_checkpoint_on_a_crash(tmp_path, monkeyp
 
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.atomic_save({'model': torch.zeros(3)}, path)
+        atomic.save_torch({'model': torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(ckpt.safe_load(path)['model'], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ['checkpoint.th']
@@ -262,6 +263,30 @@ def test_preemption_signal_checkpoints_then_resume_is_exact(tmp_path, resume_arg
     folder = xp_folder(outputs)
     assert 'checkpointing at the next update' in (folder / 'solver.log.0').read_text()
     assert (folder / 'checkpoint_step.th').exists() or (folder / 'checkpoint.th').exists()
+    run_dora(args, outputs)
+    assert_same_training_state(uninterrupted, ckpt.safe_load(folder / 'checkpoint.th'))
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_loader_workers_checkpoints_then_resume_is_exact(tmp_path, resume_args, uninterrupted):
+    """A terminal's Ctrl-C reaches the whole foreground process group, the data-loader workers included: the run
+    still checkpoints at the next update and exits 130 without a traceback, and the re-run ends exactly where an
+    uninterrupted run does."""
+    outputs = tmp_path / 'outputs'
+    args = resume_args + ['dataset.num_workers=2', 'checkpoint.save_every_updates=null']  # forkserver workers
+    proc = subprocess.Popen([sys.executable, '-m', 'dora', 'run', *args], cwd=ROOT, env=subprocess_env(outputs),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        logs = list(outputs.glob('xps/*/solver.log.0'))
+        if logs and 'Train | Epoch 1 | 2/6' in logs[0].read_text():
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the main process and its workers
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and 'Traceback' not in err, err[-3000:]
+    folder = xp_folder(outputs)
+    assert 'checkpointing at the next update' in (folder / 'solver.log.0').read_text()
     run_dora(args, outputs)
     assert_same_training_state(uninterrupted, ckpt.safe_load(folder / 'checkpoint.th'))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -50,7 +51,7 @@ def make_sounds(root: Path, per_class: int = 5) -> None:
 
 def argv(command: str) -> list[str]:
     """A printed command line as this interpreter runs it (`python -m x` and `dora` are the venv's)."""
-    words = shlex.split(command)
+    words = shlex.split(command, comments=True)
     if words[0] == 'python':
         return [sys.executable, *words[1:]]
     if words[0] == 'dora':
@@ -58,17 +59,18 @@ def argv(command: str) -> list[str]:
     raise AssertionError(f'unexpected command {command!r}')
 
 
-def run(command: str, env: dict, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv(command), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def run(command: str, env: dict, check: bool = True, timeout: float = 1800,
+        cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f'{command} failed ({proc.returncode}):\n{proc.stderr[-6000:]}')
     return proc
 
 
-def cpu_commands(stdout: str) -> list[str]:
-    """The commands under prepare_dataset's "Next, on this CPU" line."""
-    lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith('Next, on this CPU'))
+def printed_commands(output: str, header: str) -> list[str]:
+    """The indented commands under the last line of ``output`` that holds ``header`` (e.g. "Next:")."""
+    lines = re.sub(r'\x1b\[[0-9;]*m', '', output).splitlines()  # without the log's colours
+    start = max(i for i, line in enumerate(lines) if header in line)
     block = []
     for line in lines[start + 1:]:
         if not line.startswith('  '):
@@ -99,7 +101,7 @@ def test_prepare_train_resume_export_generate_on_a_cpu(tmp_path, user_env):
     proc = run(f'python -m scripts.prepare_dataset {sounds} --name mysounds', user_env)
     assert 'rejected silent x1' in proc.stdout and 'rejected unreadable x1' in proc.stdout
     assert '25 kept' in proc.stdout  # every blip and click (0.04-1.4 s) is kept
-    commands = cpu_commands(proc.stdout)
+    commands = printed_commands(proc.stdout, 'Next, on this CPU')
     assert commands == ['python -m scripts.make_tiny_package', 'dora run solver=audiogen/tiny dataset=mysounds']
     run(commands[0], user_env)
     train = commands[1]
@@ -141,20 +143,36 @@ def test_prepare_train_resume_export_generate_on_a_cpu(tmp_path, user_env):
     assert all(any(p.name[3:].startswith(c.replace(' ', '_')[:20]) for c in captions) for p in samples), samples
     assert (home / 'outputs' / 'tensorboard' / f'mysounds_{folder.name}').is_symlink()
 
-    # Running it again says it is complete instead of replaying silently.
+    # Running it again says it is complete instead of replaying silently, and prints what to do next.
+    events = sorted((folder / 'tensorboard').glob('events.out.tfevents.*'))
     proc = run(train, user_env)
     assert 'is complete' in proc.stderr + proc.stdout
     assert len(history(folder)) == 4
+    assert sorted((folder / 'tensorboard').glob('events.out.tfevents.*')) == events  # no empty event file added
+    following = printed_commands(proc.stderr + proc.stdout, 'Next:')
+    assert [shlex.split(c)[:3] for c in following] == [
+        ['tensorboard', '--logdir', str(home / 'outputs' / 'tensorboard')], ['python', '-m', 'scripts.generate'],
+        ['python', '-m', 'scripts.export'], ['python', '-m', 'scripts.evaluate']]
 
-    # Export and batch-generate from the export (README "Generate and export").
-    exported = tmp_path / 'exported' / 'mysounds'
-    run(f'python -m scripts.export {folder.name} {exported}', user_env)
-    proc = run(f'python -m scripts.generate "a soft notification chime" --model {exported} --batch_size 2 '
-               f'--duration 1 --out {tmp_path / "out"}', user_env)
-    clips = sorted((tmp_path / 'out').rglob('*.wav'))
-    assert len(clips) == 2 and 'Traceback' not in proc.stderr
+    # Generate, export and evaluate exactly as printed (from another folder: their outputs land beside the user).
+    work = tmp_path / 'work'
+    work.mkdir()
+    elsewhere = {**user_env, 'PYTHONPATH': str(ROOT)}
+    for command in following[1:]:
+        proc = run(command, elsewhere, cwd=work)
+        assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    clips = sorted((work / 'out').rglob('*.wav'))
+    assert len(clips) == 5
     wav, sr = sf.read(clips[0], dtype='float32')
     assert sr == SR and abs(float(np.mean(wav))) < 1e-3  # no DC offset left after loudness normalisation
+    assert (work / 'exported' / 'mysounds' / 'state_dict.bin').exists()
+    reports = list((work / 'evaluations').rglob('*.json'))
+    assert reports, sorted(p.name for p in (work / 'evaluations').rglob('*'))
+
+    # Batch-generate from the export (README "Generate and export").
+    proc = run('python -m scripts.generate "a soft notification chime" --model exported/mysounds --batch_size 2 '
+               '--duration 1', elsewhere, cwd=work)
+    assert len(sorted((work / 'out').rglob('*.wav'))) == 7 and 'Traceback' not in proc.stderr
 
 
 @pytest.mark.parametrize('override, expected', [

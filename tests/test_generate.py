@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, subprocess_env
 
 from scripts import generate as generate_cli
-from solvers import audio_io, generation, package
+from solvers import atomic, audio_io, generation, package
 
 PROMPTS = ['dog barking', 'sirens of an emergency vehicle']
 SIDECAR_KEYS = {'prompt', 'seed', 'file', 'model', 'model_kind', 'model_path', 'weights', 'params', 'duration',
@@ -96,7 +96,7 @@ def test_timestamp_collisions_get_a_suffix(tmp_path):
     assert first.name == '20250101-000000' and second.name == '20250101-000000-1' and first.parent == second.parent
     (first / '0.json').write_text('{}')
     with pytest.raises(FileExistsError):
-        generation.write_json(first / '0.json', {'a': 1})
+        atomic.write_json(first / '0.json', {'a': 1}, overwrite=False)
     assert (first / '0.json').read_text() == '{}'
 
 

@@ -238,14 +238,14 @@ def test_ema_moves_after_the_first_update_even_in_a_short_run(in_xp, demo_overri
 def test_a_full_disk_stops_with_what_was_kept(in_xp, demo_overrides, monkeypatch):
     import errno
 
-    from solvers import checkpoints
+    from solvers import atomic, checkpoints
     solver = in_xp(demo_overrides + ['optim.epochs=2', 'generate.prompts=[]'])
     solver.run_epoch()
     solver.commit()  # epoch 1 saved normally
 
     def full(state, path):
         raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr(checkpoints, 'atomic_save', full)
+    monkeypatch.setattr(atomic, 'save_torch', full)
     solver.run_epoch()
     with pytest.raises(checkpoints.CheckpointError) as err:
         solver.commit()
