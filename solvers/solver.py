@@ -88,11 +88,33 @@ def _refuse_unsupported(cfg: omegaconf.DictConfig) -> None:
     if decoder == 'graph' and str(cfg.device) != 'cuda':
         raise AudiogenError("generate.decoder=graph captures CUDA graphs and needs device=cuda; "
                                     "use generate.decoder=fast on the CPU.")
+    _refuse_audiocraft_keys(cfg)
     if cfg.optim.eager_sync and cfg.optim.grad_accum_steps > 1:
         raise adapters.AdapterError(
             f"optim.eager_sync=true all-reduces gradients during the backward, which gradient accumulation "
             f"(optim.grad_accum_steps={cfg.optim.grad_accum_steps}) can't do: the earlier micro-batches' gradients "
             "would be skipped. Set optim.eager_sync=false (one all-reduce per update) or optim.grad_accum_steps=1.")
+
+
+def _refuse_audiocraft_keys(cfg: omegaconf.DictConfig) -> None:
+    """audiocraft keys that this solver's hooks replace: a value other than the default stops the run by name."""
+    refused = {
+        'compression_model_n_q': "the LM predicts every codebook of the package's codec",
+        'interleave_stereo_codebooks.use': 'AudioGen is mono (channels: 1)',
+        'checkpoint.keep_every_states': 'keep epoch checkpoints with checkpoint.save_every and checkpoint.keep_last',
+        'cache.path': "audiocraft's token cache is not read by this solver's training loop",
+    }
+    for key, why in refused.items():
+        value = omegaconf.OmegaConf.select(cfg, key)
+        if value not in (None, False, [], ''):
+            raise AudiogenError(f"{key}={value} is not supported: {why}. Remove the override.")
+    codec = omegaconf.OmegaConf.select(cfg, 'compression_model_checkpoint')
+    if codec is not None and str(codec) != str(cfg.pretrained):
+        raise AudiogenError(f"compression_model_checkpoint={codec}: the codec always comes from the pretrained "
+                            f"package ({cfg.pretrained}), the one its LM was trained on. Remove the override.")
+    if int(cfg.optim.max_bad_steps) < 1:
+        raise AudiogenError(f"optim.max_bad_steps={cfg.optim.max_bad_steps}: it must be at least 1 (consecutive "
+                            "non-finite steps before the run stops).")
 
 
 # Evaluation scores that can choose the best state (the codec scores are fixed for a run; clap_real too).
