@@ -34,10 +34,18 @@ CODEC_PARAMS = 59_000_000  # facebook/audiogen-medium's 16 kHz EnCodec, when its
 # (hidden_scale 4, dropout 0) at D = 64-256: 19.9-20.4 D per layer without checkpointing, 1.0 D with it (the layer's
 # input), plus one layer's full set while the backward recomputes it. `logits` is per token and per codebook bin:
 # the fp32 logits saved for the cross-entropy (measured 0.95) and their gradient during the backward.
-ACTIVATION_MODEL = {'per_layer_d': 20.5, 'checkpointed_layer_d': 1.0, 'logits': 2.0}
+# `lora_dropout_d`: LoRA's dropout on the inputs of its nn.Linear targets (out projections and FFN; default targets,
+# dropout > 0) keeps a dropped-out copy of each: measured 7.6-8.2 D per layer (D = 128, 256); 0 without dropout.
+ACTIVATION_MODEL = {'per_layer_d': 20.5, 'checkpointed_layer_d': 1.0, 'logits': 2.0, 'lora_dropout_d': 8.0}
 # bf16/fp16 autocast saves the half-precision copies its matmuls read *and* the fp32 tensors around them (norms,
 # residuals): measured on CPU bf16 autocast, the saved bytes equal fp32's (ratio 1.01). Not yet measured on CUDA.
 AUTOCAST_ACTIVATION_RATIO = 1.0
+# LoRA on a fused in_proj_weight (peft's target_parameters) rebuilds the whole [3D, D] weight W + B @ A at every
+# forward, and autograd keeps it for the backward: 3 D^2 values per targeted projection and layer, whatever the batch.
+# Measured by benchmarks/bench_training.py on medium's architecture (CPU, fp32): 3.56 GB saved for one 1 x 2 s
+# step, of which 48 x 2 x 28.3 MB are these weights. Under CUDA autocast the matmul also keeps the half-precision
+# copy it reads (assumed, not yet measured on a GPU).
+LORA_FUSED_WEIGHT_BYTES = 4
 CUDA_OVERHEAD = 0.8 * GB   # CUDA context, cuBLAS/cuDNN workspaces
 FRAGMENTATION = 0.10        # the caching allocator's slack on top of live tensors
 
@@ -138,13 +146,31 @@ def activation_bytes(cfg: DictConfig, batch: int, peak: bool = True) -> float:
     steps = math.ceil(float(cfg.dataset.segment_duration) * frame_rate) + len(cfg.codebooks_pattern.delay.delays) - 1
     tokens = batch * steps
     width = 4 if not _autocast(cfg) else 4 * AUTOCAST_ACTIVATION_RATIO
+    per_layer = ACTIVATION_MODEL['per_layer_d']
+    if adapters.enabled(cfg) and float(cfg.adapter.dropout) > 0 and any(
+            target not in adapters.PARAM_TARGETS for target in cfg.adapter.targets):
+        per_layer += ACTIVATION_MODEL['lora_dropout_d']
     if lm.checkpointing == 'none':
-        layers = lm.num_layers * ACTIVATION_MODEL['per_layer_d']
+        layers = lm.num_layers * per_layer
     else:
-        layers = lm.num_layers * ACTIVATION_MODEL['checkpointed_layer_d'] + peak * ACTIVATION_MODEL['per_layer_d']
+        layers = lm.num_layers * ACTIVATION_MODEL['checkpointed_layer_d'] + peak * per_layer
     # The cross-entropy is computed in fp32: the saved logits, and at peak their gradient too.
     logits = (ACTIVATION_MODEL['logits'] if peak else 1.0) * lm.n_q * lm.card * 4
     return tokens * (layers * lm.dim * width + logits)
+
+
+def lora_fused_weight_bytes(cfg: DictConfig, peak: bool = True) -> float:
+    """Bytes of the rebuilt fused q/k/v weights that LoRA keeps for the backward (see LORA_FUSED_WEIGHT_BYTES).
+
+    Without checkpointing every layer's are kept; with it only the layer being recomputed holds them (at peak).
+    """
+    if not adapters.enabled(cfg):
+        return 0.0
+    fused = sum(target in adapters.PARAM_TARGETS for target in cfg.adapter.targets)
+    lm = cfg.transformer_lm
+    layers = lm.num_layers if lm.checkpointing == 'none' else int(peak)
+    size = LORA_FUSED_WEIGHT_BYTES + (2 if _autocast(cfg) else 0)
+    return float(layers * fused * 3 * lm.dim * lm.dim * size)
 
 
 def _autocast(cfg: DictConfig) -> bool:
@@ -184,6 +210,9 @@ def plan(cfg: DictConfig, gpu_gb: float, overrides: tp.Sequence[str] = (), count
         (f'activations ({batch} x {float(cfg.dataset.segment_duration):g} s)', activation_bytes(cfg, batch),
          f'checkpointing={cfg.transformer_lm.checkpointing}' + (', autocast' if _autocast(cfg) else ', fp32')),
     ]
+    rebuilt = lora_fused_weight_bytes(cfg)
+    if rebuilt:
+        components.append(('LoRA fused q/k/v weights', rebuilt, 'W + B @ A rebuilt per layer, kept for the backward'))
     live = sum(b for _, b, _ in components)
     components.append(('CUDA context + allocator slack', CUDA_OVERHEAD + FRAGMENTATION * live,
                        f'{CUDA_OVERHEAD / GB:.1f} GB + {FRAGMENTATION:.0%}'))

@@ -1,4 +1,4 @@
-"""scripts/prepare_dataset.py and solvers/dataprep.py on a fuzz corpus of broken and odd inputs, built in tmp dirs."""
+"""scripts/prepare_dataset.py and solvers/dataprep/ on a fuzz corpus of broken and odd inputs, built in tmp dirs."""
 
 from __future__ import annotations
 
