@@ -37,7 +37,8 @@ test-fast: $(VENV)/.synced
 	$(PY) -m pytest -m "not slow and not slurm"
 
 lint: $(VENV)/.synced
-	$(VENV)/bin/ruff check solvers scripts tests benchmarks
+	$(VENV)/bin/ruff check solvers scripts tests benchmarks hatch_build.py
+	$(VENV)/bin/ruff format --check solvers scripts tests benchmarks hatch_build.py
 	$(VENV)/bin/mypy
 
 # Removes what make demo wrote in the clone, its XP included (the build cache stays: rm -rf ~/.cache/audiogen-finetune).

@@ -3,15 +3,18 @@
 A regular wheel would put packages named `solvers` and `scripts` into site-packages, without `config/`, and the
 commands would then write user data beside the installed code. The hook refuses that build with the way to install.
 """
+
 from __future__ import annotations
 
 import typing as tp
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-REFUSAL = ("audiogen-finetune is used from a clone of its repository: install it there with `make install` (or "
-           "`uv sync`, an editable install; `pip install -e .` also works), then run its commands from any directory "
-           "(`.venv/bin/audiogen-generate ...`). A regular wheel (`pip install .`, `uv build`) is not supported.")
+REFUSAL = (
+    'audiogen-finetune is used from a clone of its repository: install it there with `make install` (or '
+    '`uv sync`, an editable install; `pip install -e .` also works), then run its commands from any directory '
+    '(`.venv/bin/audiogen-generate ...`). A regular wheel (`pip install .`, `uv build`) is not supported.'
+)
 
 
 class CloneOnly(BuildHookInterface):

@@ -25,6 +25,7 @@ cli: the previous benchmark, scripts/generate.py end to end (load, sample, decod
 Units: a token here is one frame of the codec (all 4 codebooks, 20 ms of audio) of one item; tokens/s = items x
 frames / wall seconds. RTF = wall seconds / seconds of audio produced (lower is faster). Ratio = stock / ours.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,16 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
-PROMPTS = ['dog barking', 'sirens of an emergency vehicle', 'rain on a tin roof', 'a door slamming shut',
-           'footsteps on gravel', 'wind howling through trees', 'a crowd applauding', 'glass shattering']
+PROMPTS = [
+    'dog barking',
+    'sirens of an emergency vehicle',
+    'rain on a tin roof',
+    'a door slamming shut',
+    'footsteps on gravel',
+    'wind howling through trees',
+    'a crowd applauding',
+    'glass shattering',
+]
 # Prompts of exactly 5 and 20 words: with the word tokenizer below, conditions of 5 and 20 tokens (T5 gives ~1.2
 # pieces per word plus </s>: similar lengths for the real model).
 WORD_PROMPTS = {
@@ -52,10 +61,18 @@ WORD_PROMPTS = {
 SIZES = {'tiny': (), 'small': ('transformer_lm.dim=512', 'transformer_lm.num_heads=8', 'transformer_lm.num_layers=8')}
 DECODE_SIZES = {
     'tiny': ('conditioners.description.lut.dim=1024',),
-    'small': ('transformer_lm.dim=512', 'transformer_lm.num_heads=8', 'transformer_lm.num_layers=8',
-              'conditioners.description.lut.dim=1024'),
-    'large': ('transformer_lm.dim=1024', 'transformer_lm.num_heads=16', 'transformer_lm.num_layers=24',
-              'conditioners.description.lut.dim=1024'),
+    'small': (
+        'transformer_lm.dim=512',
+        'transformer_lm.num_heads=8',
+        'transformer_lm.num_layers=8',
+        'conditioners.description.lut.dim=1024',
+    ),
+    'large': (
+        'transformer_lm.dim=1024',
+        'transformer_lm.num_heads=16',
+        'transformer_lm.num_layers=24',
+        'conditioners.description.lut.dim=1024',
+    ),
 }
 
 
@@ -74,7 +91,7 @@ def word_tokenizer(n_bins: int) -> tp.Any:
             lengths = torch.tensor([len(w) for w in words], dtype=torch.int)
             tokens = torch.zeros(len(texts), max(1, int(lengths.max())), dtype=torch.long)
             for i, row in enumerate(words):
-                tokens[i, :len(row)] = torch.tensor([hash_trick(w, n_bins) for w in row], dtype=torch.long)
+                tokens[i, : len(row)] = torch.tensor([hash_trick(w, n_bins) for w in row], dtype=torch.long)
             return tokens, length_to_mask(lengths, max_len=tokens.shape[1]).int()
 
     return WordTokenizer()
@@ -103,8 +120,9 @@ def build_random_model(size: str, device: str) -> tp.Any:
 def lm_bytes_per_step(model: tp.Any, items: int, frames: int) -> tuple[int, int]:
     """Bytes a decode step must read: the LM's transformer + heads weights, and its KV cache at mid-generation."""
     lm = model.lm
-    weights = sum(p.numel() * p.element_size() for name, p in lm.named_parameters()
-                  if not name.startswith('condition_provider.'))
+    weights = sum(
+        p.numel() * p.element_size() for name, p in lm.named_parameters() if not name.startswith('condition_provider.')
+    )
     layer = lm.transformer.layers[0]
     elem = next(iter(lm.parameters())).element_size()
     kv = 2 * len(lm.transformer.layers) * (2 * items) * layer.self_attn.embed_dim * (frames // 2) * elem
@@ -119,12 +137,16 @@ def run_decode(args: argparse.Namespace) -> int:
 
     device = args.device
     decoders = args.decoders or (['stock', 'fast', 'graph'] if device.startswith('cuda') else ['stock', 'fast'])
-    params = generation.GenerationParams(duration=args.duration, top_k=250 if args.sampling else 0,
-                                         temperature=1.0 if args.sampling else 0.0)
+    params = generation.GenerationParams(
+        duration=args.duration, top_k=250 if args.sampling else 0, temperature=1.0 if args.sampling else 0.0
+    )
     sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     rows = []
-    print(f"device {device}; {args.duration:g} s clips; {'top-k 250 sampling' if args.sampling else 'greedy'}, "
-          f"CFG 3; median of {args.repeats} after a warm-up; arms: {', '.join(decoders)}", flush=True)
+    print(
+        f'device {device}; {args.duration:g} s clips; {"top-k 250 sampling" if args.sampling else "greedy"}, '
+        f'CFG 3; median of {args.repeats} after a warm-up; arms: {", ".join(decoders)}',
+        flush=True,
+    )
     for size in (args.model and [args.model]) or args.models:
         if args.model:
             source = generation.resolve_model(args.model)
@@ -137,24 +159,42 @@ def run_decode(args: argparse.Namespace) -> int:
             for tokens in args.tokens:
                 prompt = WORD_PROMPTS[tokens]
                 for batch in args.batch:
-                    row = time_decoders(model, prompt, batch, params, decoders, args.repeats, sync,
-                                        profile=args.profile and batch == max(args.batch))
+                    row = time_decoders(
+                        model,
+                        prompt,
+                        batch,
+                        params,
+                        decoders,
+                        args.repeats,
+                        sync,
+                        profile=args.profile and batch == max(args.batch),
+                    )
                     row.update(model=size, threads=threads, tokens=tokens, batch=batch, frames=frames)
                     rows.append(row)
                     print_row(row, decoders, args.duration, header=len(rows) == 1)
         if device.startswith('cuda'):
             weights, kv = lm_bytes_per_step(model, max(args.batch), frames)
             bandwidth = args.bandwidth * 1e9
-            print(f"\nroofline for {size} at batch {max(args.batch)} x CFG: weights {weights / 1e9:.2f} GB + KV cache "
-                  f"{kv / 1e9:.2f} GB (mid-clip) per step / {args.bandwidth:g} GB/s = "
-                  f"{(weights + kv) / bandwidth * 1e3:.2f} ms per step, "
-                  f"{(weights + kv) / bandwidth * (frames + 3):.2f} s per batch")
+            print(
+                f'\nroofline for {size} at batch {max(args.batch)} x CFG: weights {weights / 1e9:.2f} GB + KV cache '
+                f'{kv / 1e9:.2f} GB (mid-clip) per step / {args.bandwidth:g} GB/s = '
+                f'{(weights + kv) / bandwidth * 1e3:.2f} ms per step, '
+                f'{(weights + kv) / bandwidth * (frames + 3):.2f} s per batch'
+            )
         del model
     return 0
 
 
-def time_decoders(model: tp.Any, prompt: str, batch: int, params: tp.Any, decoders: list[str], repeats: int,
-                  sync: tp.Callable[[], None], profile: bool = False) -> dict:
+def time_decoders(
+    model: tp.Any,
+    prompt: str,
+    batch: int,
+    params: tp.Any,
+    decoders: list[str],
+    repeats: int,
+    sync: tp.Callable[[], None],
+    profile: bool = False,
+) -> dict:
     """Median wall seconds of ``_generate_tokens`` per decoder, and whether every run's tokens equal stock's."""
     from audiocraft.modules.conditioners import ConditioningAttributes
 
@@ -179,7 +219,7 @@ def time_decoders(model: tp.Any, prompt: str, batch: int, params: tp.Any, decode
     reference = None  # stock's tokens from the first repetition (stock runs first there)
     identical = {d: True for d in decoders}
     for r in range(repeats):
-        for decoder in (decoders if r % 2 == 0 else decoders[::-1]):
+        for decoder in decoders if r % 2 == 0 else decoders[::-1]:
             seconds, tokens = once(decoder)
             times[decoder].append(seconds)
             reference = tokens if reference is None else reference
@@ -200,30 +240,39 @@ def print_profile(fn: tp.Callable[[], tp.Any], rows: int = 14) -> None:
     wall = time.perf_counter() - begin
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) / 1e6
-    print(f"\nprofile of one fast run: {wall:.2f} s wall (profiled), {total:.2f} s in torch operators, "
-          f"{max(0.0, wall - total):.2f} s elsewhere (Python, sampling bookkeeping, profiler overhead)")
+    print(
+        f'\nprofile of one fast run: {wall:.2f} s wall (profiled), {total:.2f} s in torch operators, '
+        f'{max(0.0, wall - total):.2f} s elsewhere (Python, sampling bookkeeping, profiler overhead)'
+    )
     print('| operator | self s | share | calls |\n|---|---|---|---|')
     for e in events[:rows]:
-        print(f"| {e.key} | {e.self_cpu_time_total / 1e6:.2f} | {e.self_cpu_time_total / 1e6 / wall:.0%} | "
-              f"{e.count} |")
+        print(f'| {e.key} | {e.self_cpu_time_total / 1e6:.2f} | {e.self_cpu_time_total / 1e6 / wall:.0%} | {e.count} |')
 
 
 def print_row(row: dict, decoders: list[str], duration: float, header: bool) -> None:
     """One Markdown line: seconds per arm, ratio to stock, tokens/s and RTF of each non-stock arm."""
     others = [d for d in decoders if d != 'stock']
     if header:
-        cols = ['model', 'threads', 'prompt tokens', 'batch', 'stock s'] + \
-            [f'{d} {k}' for d in others for k in ('s', 'ratio', 'tok/s', 'RTF', 'same tokens')] + ['stock tok/s']
+        cols = (
+            ['model', 'threads', 'prompt tokens', 'batch', 'stock s']
+            + [f'{d} {k}' for d in others for k in ('s', 'ratio', 'tok/s', 'RTF', 'same tokens')]
+            + ['stock tok/s']
+        )
         print('\n| ' + ' | '.join(cols) + ' |\n|' + '---|' * len(cols), flush=True)
     med = row['median']
     items_frames = row['batch'] * row['frames']
     audio = row['batch'] * duration
-    cells = [row['model'], row['threads'], row['tokens'], row['batch'], f"{med['stock']:.2f}"]
+    cells = [row['model'], row['threads'], row['tokens'], row['batch'], f'{med["stock"]:.2f}']
     for d in others:
-        cells += [f'{med[d]:.2f}', f"{med['stock'] / med[d]:.2f}", f'{items_frames / med[d]:.0f}',
-                  f'{med[d] / audio:.3f}', 'yes' if row['identical'][d] else 'NO']
-    cells.append(f"{items_frames / med['stock']:.0f}")
-    spread = '; '.join(f"{d} {min(v):.2f}-{max(v):.2f}" for d, v in row['range'].items())
+        cells += [
+            f'{med[d]:.2f}',
+            f'{med["stock"] / med[d]:.2f}',
+            f'{items_frames / med[d]:.0f}',
+            f'{med[d] / audio:.3f}',
+            'yes' if row['identical'][d] else 'NO',
+        ]
+    cells.append(f'{items_frames / med["stock"]:.0f}')
+    spread = '; '.join(f'{d} {min(v):.2f}-{max(v):.2f}' for d, v in row['range'].items())
     print('| ' + ' | '.join(str(c) for c in cells) + f' |  <!-- {spread} -->', flush=True)
 
 
@@ -241,14 +290,27 @@ def run_cli(args: argparse.Namespace) -> int:
         model_ref = args.model
     else:
         from solvers.tiny import build_tiny_package
+
         model_ref = str(build_tiny_package(tmp / 'pkg', seed=0, overrides=SIZES[args.size]))
-    prompts = PROMPTS[:args.prompts]
+    prompts = PROMPTS[: args.prompts]
     seeds = list(range(args.variations))
     audio_seconds = len(prompts) * len(seeds) * args.duration
-    cli_args = [*prompts, '--model', model_ref, '--batch_size', str(args.variations), '--duration',
-                str(args.duration), '--max-batch', str(args.max_batch), '--device', args.device, '--no-progress']
+    cli_args = [
+        *prompts,
+        '--model',
+        model_ref,
+        '--batch_size',
+        str(args.variations),
+        '--duration',
+        str(args.duration),
+        '--max-batch',
+        str(args.max_batch),
+        '--device',
+        args.device,
+        '--no-progress',
+    ]
     params = generation.GenerationParams(duration=args.duration)
-    counter = iter(range(10 ** 6))
+    counter = iter(range(10**6))
 
     def sync() -> None:
         if args.device.startswith('cuda'):
@@ -257,8 +319,7 @@ def run_cli(args: argparse.Namespace) -> int:
     def stock_generate(model: tp.Any) -> None:
         params.apply(model)  # same settings as ours: top_k 250, cfg 3, same extend_stride
         items = [generation.Item(p, s) for p in prompts for s in seeds]
-        batches = generation.plan_batches(items, args.max_batch,
-                                          key=lambda p: generation.conditioning_shape(model, p))
+        batches = generation.plan_batches(items, args.max_batch, key=lambda p: generation.conditioning_shape(model, p))
         for batch in batches:
             model.generate([i.prompt for i in batch])
         sync()
@@ -270,6 +331,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     def stock_e2e() -> None:
         from audiocraft.models import AudioGen
+
         stock_generate(AudioGen.get_pretrained(model_ref, device=args.device))
 
     source = generation.resolve_model(model_ref)
@@ -277,8 +339,14 @@ def run_cli(args: argparse.Namespace) -> int:
     stock_model = generation.load_model(source, args.device, decoder='stock')
 
     def ours_gen() -> None:
-        cfg = generation.RunConfig(prompts=list(prompts), seeds=seeds, params=params, out=tmp / f'gen{next(counter)}',
-                                   max_batch=args.max_batch, progress=False)
+        cfg = generation.RunConfig(
+            prompts=list(prompts),
+            seeds=seeds,
+            params=params,
+            out=tmp / f'gen{next(counter)}',
+            max_batch=args.max_batch,
+            progress=False,
+        )
         generation.run(shared, source, cfg, args.device)
         sync()
 
@@ -290,22 +358,26 @@ def run_cli(args: argparse.Namespace) -> int:
     for name, (ours, stock) in arms.items():
         ours(), stock()  # warm-up: first-call allocations, lazy imports
         for r in range(args.repeats):
-            for label, fn in (('ours', ours), ('stock', stock))[::1 if r % 2 == 0 else -1]:
+            for label, fn in (('ours', ours), ('stock', stock))[:: 1 if r % 2 == 0 else -1]:
                 begin = time.perf_counter()
                 fn()
                 times.setdefault((name, label), []).append(time.perf_counter() - begin)
 
-    print(f"\nmodel: {model_ref if args.model else f'tiny package, --size {args.size}'}; device {args.device}, "
-          f"{args.threads} thread(s); {len(prompts)} prompts x {len(seeds)} variations x {args.duration:g} s "
-          f"= {audio_seconds:g} s of audio per run; max batch {args.max_batch}; median of {args.repeats}")
-    print("\n| measure | ours (s) | stock (s) | ours RTF | stock RTF | ratio stock/ours |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f'\nmodel: {model_ref if args.model else f"tiny package, --size {args.size}"}; device {args.device}, '
+        f'{args.threads} thread(s); {len(prompts)} prompts x {len(seeds)} variations x {args.duration:g} s '
+        f'= {audio_seconds:g} s of audio per run; max batch {args.max_batch}; median of {args.repeats}'
+    )
+    print('\n| measure | ours (s) | stock (s) | ours RTF | stock RTF | ratio stock/ours |')
+    print('|---|---|---|---|---|---|')
     for name in arms:
         ours_t, stock_t = (statistics.median(times[(name, label)]) for label in ('ours', 'stock'))
-        print(f"| {name} | {ours_t:.2f} | {stock_t:.2f} | {ours_t / audio_seconds:.3f} | "
-              f"{stock_t / audio_seconds:.3f} | {stock_t / ours_t:.2f} |")
-    spread = {k: f"{min(v):.2f}-{max(v):.2f}" for k, v in times.items()}
-    print(f"\nranges (min-max s): {spread}")
+        print(
+            f'| {name} | {ours_t:.2f} | {stock_t:.2f} | {ours_t / audio_seconds:.3f} | '
+            f'{stock_t / audio_seconds:.3f} | {stock_t / ours_t:.2f} |'
+        )
+    spread = {k: f'{min(v):.2f}-{max(v):.2f}' for k, v in times.items()}
+    print(f'\nranges (min-max s): {spread}')
     return 0
 
 
@@ -317,20 +389,34 @@ def main(argv: list[str] | None = None) -> int:
     dec = modes.add_parser('decode', help='LM decoding: fast (and graph) against stock')
     dec.add_argument('--models', nargs='+', choices=sorted(DECODE_SIZES), default=['tiny', 'small', 'large'])
     dec.add_argument('--model', help='a package dir or HF id instead of the random --models')
-    dec.add_argument('--tokens', nargs='+', type=int, choices=sorted(WORD_PROMPTS), default=[5, 20],
-                     help='words (= condition tokens for the random models) per prompt')
+    dec.add_argument(
+        '--tokens',
+        nargs='+',
+        type=int,
+        choices=sorted(WORD_PROMPTS),
+        default=[5, 20],
+        help='words (= condition tokens for the random models) per prompt',
+    )
     dec.add_argument('--batch', nargs='+', type=int, default=[1, 25], help='variations of the prompt per batch')
     dec.add_argument('--threads', nargs='+', type=int, default=[1, 2], help='torch CPU threads')
     dec.add_argument('--duration', type=float, default=5.0, help='seconds per clip (beyond 10 s: sliding window)')
     dec.add_argument('--repeats', type=int, default=3)
     dec.add_argument('--sampling', action='store_true', help='top-k 250 with per-item seeds instead of greedy')
     dec.add_argument('--profile', action='store_true', help='profile one fast run at the largest batch')
-    dec.add_argument('--decoders', nargs='+', choices=('stock', 'fast', 'graph'),
-                     help='arms (default: stock fast, plus graph on CUDA); stock must be first')
+    dec.add_argument(
+        '--decoders',
+        nargs='+',
+        choices=('stock', 'fast', 'graph'),
+        help='arms (default: stock fast, plus graph on CUDA); stock must be first',
+    )
     dec.add_argument('--device', default='cpu')
     dec.add_argument('--dtype', default='auto', help='for --model: auto, float32, float16, bfloat16')
-    dec.add_argument('--bandwidth', type=float, default=4800, help='GPU memory bandwidth in GB/s for the roofline '
-                     '(H200: 4800, H100 SXM: 3350, A100 80GB: 2039)')
+    dec.add_argument(
+        '--bandwidth',
+        type=float,
+        default=4800,
+        help='GPU memory bandwidth in GB/s for the roofline (H200: 4800, H100 SXM: 3350, A100 80GB: 2039)',
+    )
     cli = modes.add_parser('cli', help='scripts/generate.py end to end against AudioGen.generate')
     cli.add_argument('--model', help='a package dir or HF id (default: build a tiny package of --size)')
     cli.add_argument('--size', choices=sorted(SIZES), default='tiny')
@@ -344,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     from solvers.project import quiet_dependencies
+
     quiet_dependencies()
     if args.mode == 'decode':
         if args.decoders and args.decoders[0] != 'stock':

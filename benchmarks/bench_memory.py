@@ -12,6 +12,7 @@ against a real build of the same LM on the CPU (random weights, T5 replaced by a
     python benchmarks/bench_memory.py calibrate
     python benchmarks/bench_memory.py medium
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,27 +58,35 @@ def measured_bytes(cfg: tp.Any, lm: tp.Any, batch: int, frames: int) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    print("| dim | layers | card | checkpointing | batch x frames | measured MB | planned MB | planned/measured |")
-    print("|---|---|---|---|---|---|---|---|")
+    print('| dim | layers | card | checkpointing | batch x frames | measured MB | planned MB | planned/measured |')
+    print('|---|---|---|---|---|---|---|---|')
     worst = 0.0
     for dim, layers, card in ((64, 2, 256), (64, 4, 256), (128, 4, 256), (128, 4, 1024), (256, 2, 1024)):
         for checkpointing in ('none', 'torch'):
-            overrides = [f'transformer_lm.dim={dim}', f'transformer_lm.num_layers={layers}',
-                         f'transformer_lm.card={card}', f'transformer_lm.checkpointing={checkpointing}',
-                         f'dataset.segment_duration={args.seconds}', f'dataset.batch_size={args.batch}']
+            overrides = [
+                f'transformer_lm.dim={dim}',
+                f'transformer_lm.num_layers={layers}',
+                f'transformer_lm.card={card}',
+                f'transformer_lm.checkpointing={checkpointing}',
+                f'dataset.segment_duration={args.seconds}',
+                f'dataset.batch_size={args.batch}',
+            ]
             cfg, lm = _lm(overrides)
             frames = int(args.seconds * 50)
             got = measured_bytes(cfg, lm, args.batch, frames)
             planned = memory.activation_bytes(cfg, args.batch, peak=False)
             worst = max(worst, abs(planned / got - 1))
-            print(f"| {dim} | {layers} | {card} | {checkpointing} | {args.batch} x {frames} | {got / 1e6:.1f} | "
-                  f"{planned / 1e6:.1f} | {planned / got:.2f} |", flush=True)
-    print(f"\nlargest planner error: {worst:.0%}")
+            print(
+                f'| {dim} | {layers} | {card} | {checkpointing} | {args.batch} x {frames} | {got / 1e6:.1f} | '
+                f'{planned / 1e6:.1f} | {planned / got:.2f} |',
+                flush=True,
+            )
+    print(f'\nlargest planner error: {worst:.0%}')
     cfg, lm = _lm(['transformer_lm.dim=128', 'transformer_lm.num_layers=4', 'transformer_lm.card=1024'])
     fp32 = measured_bytes(cfg, lm, args.batch, int(args.seconds * 50))
     with torch.autocast('cpu', dtype=torch.bfloat16):
         bf16 = measured_bytes(cfg, lm, args.batch, int(args.seconds * 50))
-    print(f"bf16 autocast (CPU) / fp32 saved bytes: {bf16 / fp32:.2f} (planner: {memory.AUTOCAST_ACTIVATION_RATIO})")
+    print(f'bf16 autocast (CPU) / fp32 saved bytes: {bf16 / fp32:.2f} (planner: {memory.AUTOCAST_ACTIVATION_RATIO})')
     return 0
 
 
@@ -91,10 +100,17 @@ def run_medium(args: argparse.Namespace) -> int:
         begin = time.perf_counter()
         counts = memory.count(cfg)
         planned_s = time.perf_counter() - begin
-        real = project.compose(['solver=audiogen/train', f'adapter={adapter}', 'device=cpu',
-                                'conditioners.description.model=lut', 'conditioners.description.lut.n_bins=1',
-                                'conditioners.description.lut.dim=1024',
-                                'conditioners.description.lut.tokenizer=noop'])
+        real = project.compose(
+            [
+                'solver=audiogen/train',
+                f'adapter={adapter}',
+                'device=cpu',
+                'conditioners.description.model=lut',
+                'conditioners.description.lut.n_bins=1',
+                'conditioners.description.lut.dim=1024',
+                'conditioners.description.lut.tokenizer=noop',
+            ]
+        )
         begin = time.perf_counter()
         lm = builders.get_lm_model(real)
         if adapter == 'lora':
@@ -103,9 +119,12 @@ def run_medium(args: argparse.Namespace) -> int:
         total = sum(p.numel() for p in lm.parameters()) - 1024
         trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
         trainable -= 1024 if lm.condition_provider.conditioners['description'].embed.weight.requires_grad else 0
-        print(f"adapter={adapter}: planner LM {counts.lm:,} ({counts.trainable:,} trainable) in {planned_s:.1f} s; "
-              f"built on CPU {total:,} ({trainable:,} trainable) in {built_s:.1f} s; "
-              f"{'equal' if (total, trainable) == (counts.lm, counts.trainable) else 'DIFFERENT'}", flush=True)
+        print(
+            f'adapter={adapter}: planner LM {counts.lm:,} ({counts.trainable:,} trainable) in {planned_s:.1f} s; '
+            f'built on CPU {total:,} ({trainable:,} trainable) in {built_s:.1f} s; '
+            f'{"equal" if (total, trainable) == (counts.lm, counts.trainable) else "DIFFERENT"}',
+            flush=True,
+        )
         del lm
     return 0
 

@@ -34,6 +34,7 @@
 
 Memory is in GB of 1e9 bytes, as the planner prints it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,12 @@ from solvers import memory, project  # noqa: E402
 
 GB = memory.GB
 T5_WIDTH = 1024  # T5-large's d_model: the stand-in lookup table has this output width
-LUT_FOR_T5 = ('conditioners.description.model=lut', 'conditioners.description.lut.n_bins=1',
-              f'conditioners.description.lut.dim={T5_WIDTH}', 'conditioners.description.lut.tokenizer=noop')
+LUT_FOR_T5 = (
+    'conditioners.description.model=lut',
+    'conditioners.description.lut.n_bins=1',
+    f'conditioners.description.lut.dim={T5_WIDTH}',
+    'conditioners.description.lut.tokenizer=noop',
+)
 DTYPES = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
@@ -113,9 +118,17 @@ def medium_overrides(args: argparse.Namespace) -> list[str]:
     autocast = args.dtype != 'float32'
     # Without autocast the frozen base must be fp32 too on CUDA (adapter=lora holds it in bf16 there).
     precision = [f'autocast_dtype={args.dtype}'] if autocast else ['adapter.base_dtype=float32']
-    return ['solver=audiogen/train', 'adapter=lora', f'device={args.device}', f'dataset.batch_size={args.batch}',
-            f'dataset.segment_duration={args.seconds:g}', f'autocast={str(autocast).lower()}', *precision,
-            'optim.ema.use=false', *args.override]
+    return [
+        'solver=audiogen/train',
+        'adapter=lora',
+        f'device={args.device}',
+        f'dataset.batch_size={args.batch}',
+        f'dataset.segment_duration={args.seconds:g}',
+        f'autocast={str(autocast).lower()}',
+        *precision,
+        'optim.ema.use=false',
+        *args.override,
+    ]
 
 
 def build_medium_lora(cfg: tp.Any, device: str) -> tuple[tp.Any, list[torch.nn.Parameter]]:
@@ -132,9 +145,16 @@ def build_medium_lora(cfg: tp.Any, device: str) -> tuple[tp.Any, list[torch.nn.P
     return model.train(), [p for p in model.parameters() if p.requires_grad]
 
 
-def train_step(model: tp.Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-               codes: torch.Tensor, autocast: tp.Any, scaler: tp.Any, max_norm: float,
-               saved: SavedBytes | None = None) -> float:
+def train_step(
+    model: tp.Any,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    codes: torch.Tensor,
+    autocast: tp.Any,
+    scaler: tp.Any,
+    max_norm: float,
+    saved: SavedBytes | None = None,
+) -> float:
     """One update as the solver's run_step does it for one micro-batch; returns the cross-entropy.
 
     Args:
@@ -147,7 +167,7 @@ def train_step(model: tp.Any, optimizer: torch.optim.Optimizer, params: list[tor
     attributes = [ConditioningAttributes(text={'description': prompts[i % len(prompts)]}) for i in range(len(codes))]
     attributes = model.att_dropout(model.cfg_dropout(attributes))  # the solver's classifier-free-guidance dropout
     tokenized = model.condition_provider.tokenize(attributes)
-    with autocast, (saved.hooks() if saved is not None else contextlib.nullcontext()):
+    with autocast, saved.hooks() if saved is not None else contextlib.nullcontext():
         conditions = model.condition_provider(tokenized)
         output = model.compute_predictions(codes, [], conditions)
         ce, _ = MusicGenSolver._compute_cross_entropy(None, output.logits, codes, output.mask)  # type: ignore
@@ -168,6 +188,7 @@ def checkpoint_sizes(model: tp.Any, optimizer: torch.optim.Optimizer) -> tuple[i
     """Bytes of the adapter checkpoints, written as the solver writes them: the best state (the ``TrainableState``
     and the adapter layout), and the adapters with their AdamW moments (what the last checkpoint adds)."""
     from solvers import adapters
+
     try:
         from solvers.atomic import save_torch  # where the solver's checkpoint writes live now
     except ImportError:  # before solvers/atomic.py: the same write in solvers/checkpoints.py
@@ -193,9 +214,12 @@ def run_medium_lora(args: argparse.Namespace) -> int:
     overrides = medium_overrides(args)
     cfg = project.compose([*overrides, *LUT_FOR_T5])
     frames = round(args.seconds * 50)  # the 16 kHz EnCodec's 50 Hz frames
-    print(f"medium-lora: {' '.join(overrides)}; {args.batch} x {args.seconds:g} s ({frames} frames); "
-          f"{args.dtype}{' autocast' if args.dtype != 'float32' else ''} on {args.device}, "
-          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f'medium-lora: {" ".join(overrides)}; {args.batch} x {args.seconds:g} s ({frames} frames); '
+        f'{args.dtype}{" autocast" if args.dtype != "float32" else ""} on {args.device}, '
+        f'{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}',
+        flush=True,
+    )
     rss_before = rss_now()
     begin = time.perf_counter()
     model, params = build_medium_lora(cfg, args.device)
@@ -207,31 +231,47 @@ def run_medium_lora(args: argparse.Namespace) -> int:
         torch.cuda.reset_peak_memory_stats()
     total = sum(p.numel() for p in model.parameters()) - T5_WIDTH  # the lookup table's single row isn't medium's
     trainable = sum(p.numel() for p in params)
-    print(f"built in {build_s:.1f} s: {total:,} parameters, {trainable:,} trainable "
-          f"({100 * trainable / total:.2f} %)", flush=True)
+    print(
+        f'built in {build_s:.1f} s: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f} %)',
+        flush=True,
+    )
     optimizer = build_optimizer(model, cfg.optim)
     dtype = DTYPES[args.dtype]
     autocast = torch.autocast(args.device.split(':')[0], dtype=dtype) if dtype else contextlib.nullcontext()
     scaler = torch.amp.GradScaler('cuda') if dtype is torch.float16 else None
-    codes = torch.randint(0, int(cfg.transformer_lm.card), (args.batch, int(cfg.transformer_lm.n_q), frames),
-                          device=args.device)
+    codes = torch.randint(
+        0, int(cfg.transformer_lm.card), (args.batch, int(cfg.transformer_lm.n_q), frames), device=args.device
+    )
     times = []
     saved = SavedBytes(model.parameters()) if args.saved_bytes else None
     for step in range(args.steps):
         sync()
         begin = time.perf_counter()
-        ce = train_step(model, optimizer, params, codes, autocast, scaler, float(cfg.optim.max_norm),
-                        saved if step == 0 else None)
+        ce = train_step(
+            model, optimizer, params, codes, autocast, scaler, float(cfg.optim.max_norm), saved if step == 0 else None
+        )
         sync()
         times.append(time.perf_counter() - begin)
-        print(f"  step {step + 1}: {times[-1]:.2f} s, ce {ce:.3f}, peak "
-              f"{(torch.cuda.max_memory_allocated() if cuda else rss_peak()) / GB:.2f} GB", flush=True)
+        print(
+            f'  step {step + 1}: {times[-1]:.2f} s, ce {ce:.3f}, peak '
+            f'{(torch.cuda.max_memory_allocated() if cuda else rss_peak()) / GB:.2f} GB',
+            flush=True,
+        )
     peak = torch.cuda.max_memory_allocated() if cuda else rss_peak()
     best_bytes, last_bytes = checkpoint_sizes(model, optimizer)
-    measured = {'total': total, 'trainable': trainable, 'times': times, 'rss_before': rss_before,
-                'after_build': after_build, 'peak_build': peak_build, 'peak': peak,
-                'saved': saved.total if saved is not None else None,
-                'best_bytes': best_bytes, 'last_bytes': last_bytes, 'build_s': build_s}
+    measured = {
+        'total': total,
+        'trainable': trainable,
+        'times': times,
+        'rss_before': rss_before,
+        'after_build': after_build,
+        'peak_build': peak_build,
+        'peak': peak,
+        'saved': saved.total if saved is not None else None,
+        'best_bytes': best_bytes,
+        'last_bytes': last_bytes,
+        'build_s': build_s,
+    }
     print_medium_report(args, overrides, cfg, measured)
     return 0
 
@@ -242,25 +282,27 @@ def print_medium_report(args: argparse.Namespace, overrides: list[str], cfg: tp.
     times = m['times']
     rest = statistics.median(times[1:]) if len(times) > 1 else float('nan')
     tokens = args.batch * round(args.seconds * 50)
-    print(f"\nload average {os.getloadavg()[0]:.2f}\n\n| measure | value |\n|---|---|")
-    print(f"| parameters (LM, without T5) | {m['total']:,} |\n| trainable (LoRA) | {m['trainable']:,} |")
-    print(f"| build (random init + LoRA) | {m['build_s']:.1f} s |\n| step 1 | {times[0]:.2f} s |")
-    print(f"| median of steps 2-{len(times)} | {rest:.2f} s ({tokens / rest:.1f} frames/s) |")
+    print(f'\nload average {os.getloadavg()[0]:.2f}\n\n| measure | value |\n|---|---|')
+    print(f'| parameters (LM, without T5) | {m["total"]:,} |\n| trainable (LoRA) | {m["trainable"]:,} |')
+    print(f'| build (random init + LoRA) | {m["build_s"]:.1f} s |\n| step 1 | {times[0]:.2f} s |')
+    print(f'| median of steps 2-{len(times)} | {rest:.2f} s ({tokens / rest:.1f} frames/s) |')
     if cuda:
-        print(f"| allocated after build | {m['after_build'] / GB:.2f} GB |")
-        print(f"| peak allocated during the steps (max_memory_allocated) | {m['peak'] / GB:.2f} GB |")
+        print(f'| allocated after build | {m["after_build"] / GB:.2f} GB |')
+        print(f'| peak allocated during the steps (max_memory_allocated) | {m["peak"] / GB:.2f} GB |')
     else:
-        print(f"| RSS before the build (interpreter, torch, audiocraft) | {m['rss_before'] / GB:.2f} GB |")
-        print(f"| RSS after the build (peak during the build) | {m['after_build'] / GB:.2f} GB "
-              f"({m['peak_build'] / GB:.2f} GB) |")
-        print(f"| peak RSS after the steps (ru_maxrss) | {m['peak'] / GB:.2f} GB |")
+        print(f'| RSS before the build (interpreter, torch, audiocraft) | {m["rss_before"] / GB:.2f} GB |')
+        print(
+            f'| RSS after the build (peak during the build) | {m["after_build"] / GB:.2f} GB '
+            f'({m["peak_build"] / GB:.2f} GB) |'
+        )
+        print(f'| peak RSS after the steps (ru_maxrss) | {m["peak"] / GB:.2f} GB |')
         print(f"| the steps' increment: peak - RSS after the build | {(m['peak'] - m['after_build']) / GB:.2f} GB |")
     if m['saved'] is not None:
         print(f"| saved for the backward by step 1's forward (autograd's saved tensors) | {m['saved'] / GB:.3f} GB |")
     full = m['total'] * 4
-    print(f"\n| file | bytes | vs full fp32 state dict ({full:,} B = params x 4) |\n|---|---|---|")
-    print(f"| adapter best state (TrainableState + layout) | {m['best_bytes']:,} | {m['best_bytes'] / full:.2%} |")
-    print(f"| adapters + AdamW moments | {m['last_bytes']:,} | {m['last_bytes'] / full:.2%} |")
+    print(f'\n| file | bytes | vs full fp32 state dict ({full:,} B = params x 4) |\n|---|---|---|')
+    print(f'| adapter best state (TrainableState + layout) | {m["best_bytes"]:,} | {m["best_bytes"] / full:.2%} |')
+    print(f'| adapters + AdamW moments | {m["last_bytes"]:,} | {m["last_bytes"] / full:.2%} |')
     print_planner(args, overrides, cfg, m)
 
 
@@ -275,18 +317,24 @@ def print_planner(args: argparse.Namespace, overrides: list[str], cfg: tp.Any, m
     activations = next(s for n, s in parts.items() if n.startswith('activations'))
     cuda = args.device.startswith('cuda')
     measured_weights = m['after_build'] if cuda else m['after_build'] - m['rss_before']
-    print("\n| component | planned GB | measured GB | measured as |\n|---|---|---|---|")
-    print(f"| LM weights (trainable + frozen) | {weights / GB:.2f} | {measured_weights / GB:.2f} | "
-          f"{'allocated after the build' if cuda else 'RSS after the build - RSS before'} |")
-    print(f"| gradients + optimizer + activations | {step / GB:.2f} | {(m['peak'] - m['after_build']) / GB:.2f} | "
-          f"{'max_memory_allocated - allocated after the build' if cuda else 'peak RSS - RSS after the build'} |")
+    print('\n| component | planned GB | measured GB | measured as |\n|---|---|---|---|')
+    print(
+        f'| LM weights (trainable + frozen) | {weights / GB:.2f} | {measured_weights / GB:.2f} | '
+        f'{"allocated after the build" if cuda else "RSS after the build - RSS before"} |'
+    )
+    print(
+        f'| gradients + optimizer + activations | {step / GB:.2f} | {(m["peak"] - m["after_build"]) / GB:.2f} | '
+        f'{"max_memory_allocated - allocated after the build" if cuda else "peak RSS - RSS after the build"} |'
+    )
     if m['saved'] is not None:
         saved_plan = memory.activation_bytes(plan_cfg, args.batch, peak=False)
-        print(f"| activations saved at the end of the forward | {saved_plan / GB:.3f} | {m['saved'] / GB:.3f} | "
-              "autograd's saved tensors |")
-    print(f"| (activations at peak) | {activations / GB:.2f} | | |")
+        print(
+            f'| activations saved at the end of the forward | {saved_plan / GB:.3f} | {m["saved"] / GB:.3f} | '
+            "autograd's saved tensors |"
+        )
+    print(f'| (activations at peak) | {activations / GB:.2f} | | |')
     absent = [n for n in parts if n.startswith(('text encoder', 'codec', 'EMA') + (() if cuda else ('CUDA',)))]
-    print(f"\nNot in this process (the planner counts them): {', '.join(absent)}.")
+    print(f'\nNot in this process (the planner counts them): {", ".join(absent)}.')
 
 
 # ---------------------------------------------------------------------------------------------------- overhead
@@ -298,19 +346,44 @@ def make_inputs(tmp: Path, args: argparse.Namespace) -> tuple[Path, list[str]]:
     size = bench_generate.SIZES['small']
     pkg = build_tiny_package(tmp / 'pkg', seed=0, overrides=size)
     make_demo_dataset(tmp / 'raw', seed=0, per_class=args.per_class)
-    command = [sys.executable, '-m', 'scripts.prepare_dataset', str(tmp / 'raw'), '--name', 'bench',
-               '--out', str(tmp / 'prep'), '--egs-root', str(tmp / 'egs'), '--config-root', str(tmp / 'config'),
-               '--workers', '1', '--no-progress', '--valid-fraction', '0.25']
-    subprocess.run(command, cwd=PROJECT_ROOT, check=True, capture_output=True, text=True,
-                   env=dict(os.environ, HF_HUB_OFFLINE='1'))
-    overrides = ['solver=audiogen/tiny', f'pretrained={pkg}', *size,
-                 f"datasource.train={tmp / 'egs' / 'bench' / 'train'}",
-                 f"datasource.valid={tmp / 'egs' / 'bench' / 'valid'}",
-                 f'dataset.batch_size={args.batch}', f'dataset.segment_duration={args.seconds:g}',
-                 'dataset.num_workers=0', 'optim.grad_accum_steps=1', f'optim.updates_per_epoch={args.updates}',
-                 'optim.epochs=1000',  # a long schedule: the timed updates never reach its end
-                 f'optim.ema.updates={args.updates}',  # one EMA step per epoch, at the same update in both arms
-                 'schedule.cosine.warmup=2', 'logging.level=WARNING']
+    command = [
+        sys.executable,
+        '-m',
+        'scripts.prepare_dataset',
+        str(tmp / 'raw'),
+        '--name',
+        'bench',
+        '--out',
+        str(tmp / 'prep'),
+        '--egs-root',
+        str(tmp / 'egs'),
+        '--config-root',
+        str(tmp / 'config'),
+        '--workers',
+        '1',
+        '--no-progress',
+        '--valid-fraction',
+        '0.25',
+    ]
+    subprocess.run(
+        command, cwd=PROJECT_ROOT, check=True, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE='1')
+    )
+    overrides = [
+        'solver=audiogen/tiny',
+        f'pretrained={pkg}',
+        *size,
+        f'datasource.train={tmp / "egs" / "bench" / "train"}',
+        f'datasource.valid={tmp / "egs" / "bench" / "valid"}',
+        f'dataset.batch_size={args.batch}',
+        f'dataset.segment_duration={args.seconds:g}',
+        'dataset.num_workers=0',
+        'optim.grad_accum_steps=1',
+        f'optim.updates_per_epoch={args.updates}',
+        'optim.epochs=1000',  # a long schedule: the timed updates never reach its end
+        f'optim.ema.updates={args.updates}',  # one EMA step per epoch, at the same update in both arms
+        'schedule.cosine.warmup=2',
+        'logging.level=WARNING',
+    ]
     return pkg, overrides
 
 
@@ -361,17 +434,19 @@ def time_overhead(ours: tp.Any, stock: tp.Any, args: argparse.Namespace) -> dict
         solver.run_stage('train', solver.train)
 
     times: dict[tuple[str, str], list[float]] = {}
-    for measure, fn, units, per_unit in (('run_step', step, args.repeats * args.updates, 1),
-                                         ('train stage', epoch, args.repeats, args.updates)):
+    for measure, fn, units, per_unit in (
+        ('run_step', step, args.repeats * args.updates, 1),
+        ('train stage', epoch, args.repeats, args.updates),
+    ):
         for solver in (ours, stock):  # warm-up: first-call allocations, optimizer state, lazy imports
             for idx in range(2 if measure == 'run_step' else 1):
                 fn(solver, idx)
         for i in range(units):
-            for label in (('ours', 'stock') if i % 2 == 0 else ('stock', 'ours')):
+            for label in ('ours', 'stock') if i % 2 == 0 else ('stock', 'ours'):
                 begin = time.perf_counter()
                 fn(ours if label == 'ours' else stock, i)
                 times.setdefault((measure, label), []).append((time.perf_counter() - begin) / per_unit)
-        print(f"  {measure}: {units} timed units per arm done, load average {os.getloadavg()[0]:.2f}", flush=True)
+        print(f'  {measure}: {units} timed units per arm done, load average {os.getloadavg()[0]:.2f}', flush=True)
     return times
 
 
@@ -386,24 +461,31 @@ def run_overhead(args: argparse.Namespace) -> int:
     params = sum(p.numel() for p in ours.model.parameters())
     groups = [(len(g['params']), g['lr']) for g in ours.optimizer.param_groups]
     same = groups == [(len(g['params']), g['lr']) for g in stock.optimizer.param_groups]
-    print(f"overhead: {params / 1e6:.1f} M parameter LM (8 x 512), full fine-tune, fp32 on CPU, {args.threads} "
-          f"threads; {args.batch} x {args.seconds:g} s per update; optimizer groups {'equal' if same else 'DIFFER'}; "
-          f"built in {time.perf_counter() - begin:.0f} s; load average {load_before[0]:.2f}", flush=True)
+    print(
+        f'overhead: {params / 1e6:.1f} M parameter LM (8 x 512), full fine-tune, fp32 on CPU, {args.threads} '
+        f'threads; {args.batch} x {args.seconds:g} s per update; optimizer groups {"equal" if same else "DIFFER"}; '
+        f'built in {time.perf_counter() - begin:.0f} s; load average {load_before[0]:.2f}',
+        flush=True,
+    )
     try:
         times = time_overhead(ours, stock, args)
     finally:
         context.__exit__(None, None, None)
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\nload average {os.getloadavg()[0]:.2f}; wall {time.perf_counter() - begin:.0f} s\n\n"
-          "| measure | timed units per arm | ours s/update | stock s/update | ours/stock | median of paired ratios | "
-          "ours range | stock range |\n|---|---|---|---|---|---|---|---|")
+    print(
+        f'\nload average {os.getloadavg()[0]:.2f}; wall {time.perf_counter() - begin:.0f} s\n\n'
+        '| measure | timed units per arm | ours s/update | stock s/update | ours/stock | median of paired ratios | '
+        'ours range | stock range |\n|---|---|---|---|---|---|---|---|'
+    )
     for measure in ('run_step', 'train stage'):
         ours_t, stock_t = (times[(measure, label)] for label in ('ours', 'stock'))
         paired = statistics.median(o / s for o, s in zip(ours_t, stock_t))
         unit = 'steps' if measure == 'run_step' else f'epochs of {args.updates}'
-        print(f"| {measure} | {len(ours_t)} {unit} | {statistics.median(ours_t):.3f} | "
-              f"{statistics.median(stock_t):.3f} | {statistics.median(ours_t) / statistics.median(stock_t):.3f} | "
-              f"{paired:.3f} | {min(ours_t):.3f}-{max(ours_t):.3f} | {min(stock_t):.3f}-{max(stock_t):.3f} |")
+        print(
+            f'| {measure} | {len(ours_t)} {unit} | {statistics.median(ours_t):.3f} | '
+            f'{statistics.median(stock_t):.3f} | {statistics.median(ours_t) / statistics.median(stock_t):.3f} | '
+            f'{paired:.3f} | {min(ours_t):.3f}-{max(ours_t):.3f} | {min(stock_t):.3f}-{max(stock_t):.3f} |'
+        )
     return 0
 
 
@@ -417,17 +499,34 @@ def main(argv: list[str] | None = None) -> int:
     med.add_argument('--batch', type=int, default=1, help='clips per step')
     med.add_argument('--seconds', type=float, default=2.0, help='seconds per clip (50 codec frames per second)')
     med.add_argument('--device', default='cpu')
-    med.add_argument('--dtype', choices=sorted(DTYPES), default='float32',
-                     help='autocast dtype (float32: no autocast; float16 adds a grad scaler, CUDA only)')
+    med.add_argument(
+        '--dtype',
+        choices=sorted(DTYPES),
+        default='float32',
+        help='autocast dtype (float32: no autocast; float16 adds a grad scaler, CUDA only)',
+    )
     med.add_argument('--gpu-gb', type=float, default=24.0, help="memory the planner's verdict is checked against")
-    med.add_argument('--override', action='append', default=[], metavar='KEY=VALUE',
-                     help='an extra config override, e.g. transformer_lm.num_layers=4 for a quick try (repeatable)')
-    med.add_argument('--no-saved-bytes', dest='saved_bytes', action='store_false',
-                     help="don't count autograd's saved tensors during step 1")
+    med.add_argument(
+        '--override',
+        action='append',
+        default=[],
+        metavar='KEY=VALUE',
+        help='an extra config override, e.g. transformer_lm.num_layers=4 for a quick try (repeatable)',
+    )
+    med.add_argument(
+        '--no-saved-bytes',
+        dest='saved_bytes',
+        action='store_false',
+        help="don't count autograd's saved tensors during step 1",
+    )
     over = modes.add_parser('overhead', help="our solver's per-update time against stock AudioGenSolver")
     over.add_argument('--updates', type=int, default=5, help='updates per train-stage epoch (and distinct batches)')
-    over.add_argument('--repeats', type=int, default=6,
-                      help='timed epochs per arm; run_step times repeats x updates single steps per arm')
+    over.add_argument(
+        '--repeats',
+        type=int,
+        default=6,
+        help='timed epochs per arm; run_step times repeats x updates single steps per arm',
+    )
     over.add_argument('--batch', type=int, default=4)
     over.add_argument('--seconds', type=float, default=2.0)
     over.add_argument('--per-class', type=int, default=4, help='demo clips per sound class in the dataset')

@@ -8,6 +8,7 @@ trained on clean synthetic clips) which class each clip sounds like. Prints the 
 Usage: python -m scripts.demo_report solver=audiogen/demo     (the same overrides as `dora run`)
        python -m scripts.demo_report --sig 0f95cd25
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ import time
 import typing as tp
 
 
-def judge(model_ref: str, classes: tp.Sequence[str], seeds: tp.Sequence[int], duration: float,
-          classifier: tp.Any) -> dict[str, list[str]]:
+def judge(
+    model_ref: str, classes: tp.Sequence[str], seeds: tp.Sequence[int], duration: float, classifier: tp.Any
+) -> dict[str, list[str]]:
     """Generate ``len(seeds)`` clips per caption of each class with ``model_ref``; the class heard in each clip."""
     from solvers import demo_data, generation
 
@@ -46,23 +48,24 @@ def table(before: dict[str, list[str]], after: dict[str, list[str]], sig: str, p
 
     def cell(heard: dict[str, list[str]], classes: tp.Sequence[str]) -> str:
         right, total = accuracy(heard, classes)
-        return f"{right:3d}/{total:<3d} {100 * right / total:4.0f} %"
+        return f'{right:3d}/{total:<3d} {100 * right / total:4.0f} %'
 
     def most_heard(heard: dict[str, list[str]], cls: str) -> str:
         wrong = [p for p in heard[cls] if p != cls]
         return max(sorted(set(wrong)), key=wrong.count) if wrong else '-'
 
-    lines = [f"Prompt accuracy: the class the fixed classifier hears in clips generated from each class's captions "
-             f"({per_prompt}); chance is {100 / len(CLASS_NAMES):.0f} % ({len(CLASS_NAMES)} classes).",
-             f"  {'class':<22} {'before (package)':>16} {'after (XP ' + sig + ')':>18}   mostly heard before",
-             ]
+    lines = [
+        f"Prompt accuracy: the class the fixed classifier hears in clips generated from each class's captions "
+        f'({per_prompt}); chance is {100 / len(CLASS_NAMES):.0f} % ({len(CLASS_NAMES)} classes).',
+        f'  {"class":<22} {"before (package)":>16} {"after (XP " + sig + ")":>18}   mostly heard before',
+    ]
     for group, names in (('new: fine-tuned on', NEW_CLASSES), ('known: pretrained on', KNOWN_CLASSES)):
-        lines.append(f"  {group}")
+        lines.append(f'  {group}')
         for cls in names:
-            row = f"    {cls:<20} {cell(before, [cls]):>16} {cell(after, [cls]):>18}"
-            lines.append(f"{row}   {most_heard(before, cls)}")
-    lines.append(f"  {'new classes':<22} {cell(before, NEW_CLASSES):>16} {cell(after, NEW_CLASSES):>18}")
-    lines.append(f"  {'known classes':<22} {cell(before, KNOWN_CLASSES):>16} {cell(after, KNOWN_CLASSES):>18}")
+            row = f'    {cls:<20} {cell(before, [cls]):>16} {cell(after, [cls]):>18}'
+            lines.append(f'{row}   {most_heard(before, cls)}')
+    lines.append(f'  {"new classes":<22} {cell(before, NEW_CLASSES):>16} {cell(after, NEW_CLASSES):>18}')
+    lines.append(f'  {"known classes":<22} {cell(before, KNOWN_CLASSES):>16} {cell(after, KNOWN_CLASSES):>18}')
     return lines
 
 
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     xp = train.main.get_xp_from_sig(args.sig) if args.sig else train.main.get_xp(args.overrides)
     if not (xp.folder / 'checkpoint.th').exists():
-        print(f"XP {xp.sig} has not run yet (expected its checkpoint in {xp.folder}).", file=sys.stderr)
+        print(f'XP {xp.sig} has not run yet (expected its checkpoint in {xp.folder}).', file=sys.stderr)
         return 1
     begin = time.perf_counter()
     seeds = list(range(args.seeds))
@@ -90,21 +93,30 @@ def main(argv: list[str] | None = None) -> int:
         before = judge(base, CLASS_NAMES, seeds, args.duration, classifier)
         after = judge(str(xp.folder), CLASS_NAMES, seeds, args.duration, classifier)
     except AudiogenError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f'error: {err}', file=sys.stderr)
         return 2
-    per_prompt = f"{args.duration:g} s clips, 3 captions x {len(seeds)} seeds per class"
-    print("\n".join(table(before, after, xp.sig, per_prompt)))
+    per_prompt = f'{args.duration:g} s clips, 3 captions x {len(seeds)} seeds per class'
+    print('\n'.join(table(before, after, xp.sig, per_prompt)))
     right, total = accuracy(after, NEW_CLASSES)
-    report = {'sig': xp.sig, 'package': base, 'seeds': seeds, 'duration': args.duration,
-              'before': before, 'after': after, 'new_classes_after': right / total,
-              'new_classes_before': accuracy(before, NEW_CLASSES)[0] / total}
+    report = {
+        'sig': xp.sig,
+        'package': base,
+        'seeds': seeds,
+        'duration': args.duration,
+        'before': before,
+        'after': after,
+        'new_classes_after': right / total,
+        'new_classes_before': accuracy(before, NEW_CLASSES)[0] / total,
+    }
     (xp.folder / 'demo_report.json').write_text(json.dumps(report, indent=1) + '\n')
-    print(f"(generated and judged {2 * len(CLASS_NAMES) * 3 * len(seeds)} clips in "
-          f"{time.perf_counter() - begin:.0f} s; details in {xp.folder / 'demo_report.json'})")
-    print("Next:")
+    print(
+        f'(generated and judged {2 * len(CLASS_NAMES) * 3 * len(seeds)} clips in '
+        f'{time.perf_counter() - begin:.0f} s; details in {xp.folder / "demo_report.json"})'
+    )
+    print('Next:')
     prompts = ' '.join(f'"{cls.captions[0]}"' for cls in select_classes('new')[:2])
-    print(f"  python -m scripts.generate {prompts} --model {xp.sig} --duration 2 --batch_size 3")
-    print(f"  python -m scripts.export {xp.sig} outputs/exported/demo")
+    print(f'  python -m scripts.generate {prompts} --model {xp.sig} --duration 2 --batch_size 3')
+    print(f'  python -m scripts.export {xp.sig} outputs/exported/demo')
     return 0
 
 

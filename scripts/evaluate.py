@@ -11,6 +11,7 @@ scripts/generate.py does (same seeds, same files and sidecars).
 Writes OUT/<timestamp>/: clips/, real/, report.json, summary.md, index.html (open it in a browser).
 Exit status: 0 on success, 2 on bad input (one line on stderr), 1 on other errors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,21 +26,37 @@ from solvers.errors import AudiogenError, run_cli
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog='audiogen-evaluate', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('models', nargs='+',
-                        help='models to compare: HF id, package dir, exported fine-tune, XP signature or folder')
-    parser.add_argument('--dataset', help='prepared dataset name (or its valid split folder): its valid captions are '
-                                          'the prompts and its valid clips the real set')
+    parser = argparse.ArgumentParser(
+        prog='audiogen-evaluate', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        'models', nargs='+', help='models to compare: HF id, package dir, exported fine-tune, XP signature or folder'
+    )
+    parser.add_argument(
+        '--dataset',
+        help='prepared dataset name (or its valid split folder): its valid captions are '
+        'the prompts and its valid clips the real set',
+    )
     parser.add_argument('--prompt', action='append', default=[], help='a prompt (repeat for more)')
-    parser.add_argument('--prompts-file', type=Path,
-                        help='UTF-8 file with one prompt per line (blank lines and # comments skipped)')
-    parser.add_argument('--num-prompts', type=int, default=None,
-                        help='with --dataset and no prompts given: this many distinct valid captions (default: all)')
-    parser.add_argument('--weights', choices=('best', 'ema', 'last'), default=None,
-                        help='for XPs: best (default), ema or last weights')
-    parser.add_argument('--batch_size', '--batch-size', type=int, default=4,
-                        help='clips per prompt, seeds SEED..SEED+N-1 (default: %(default)s)')
+    parser.add_argument(
+        '--prompts-file', type=Path, help='UTF-8 file with one prompt per line (blank lines and # comments skipped)'
+    )
+    parser.add_argument(
+        '--num-prompts',
+        type=int,
+        default=None,
+        help='with --dataset and no prompts given: this many distinct valid captions (default: all)',
+    )
+    parser.add_argument(
+        '--weights', choices=('best', 'ema', 'last'), default=None, help='for XPs: best (default), ema or last weights'
+    )
+    parser.add_argument(
+        '--batch_size',
+        '--batch-size',
+        type=int,
+        default=4,
+        help='clips per prompt, seeds SEED..SEED+N-1 (default: %(default)s)',
+    )
     parser.add_argument('--seed', type=int, default=0, help='seed of the first clip of each prompt (default: 0)')
     parser.add_argument('--seeds', type=int, nargs='+', help='exact seeds (overrides --batch_size)')
     parser.add_argument('--duration', type=float, default=5.0, help='seconds per clip (default: %(default)s)')
@@ -47,21 +64,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--top_p', '--top-p', type=float, default=0.0, help='nucleus sampling, 0 = off (default: 0)')
     parser.add_argument('--temperature', type=float, default=1.0, help='0 = greedy decoding (default: 1)')
     parser.add_argument('--cfg_coef', '--cfg-coef', type=float, default=3.0, help='classifier-free guidance (3)')
-    parser.add_argument('--clap-model', default='laion/larger_clap_general',
-                        help='CLAP for the CLAP score, KAD and FAD: HF id, local dir, tiny (a random offline '
-                             'stand-in) or none (default: %(default)s)')
-    parser.add_argument('--references', type=int, default=None,
-                        help='real clips in the real set: the first N of the valid manifest (default: all)')
+    parser.add_argument(
+        '--clap-model',
+        default='laion/larger_clap_general',
+        help='CLAP for the CLAP score, KAD and FAD: HF id, local dir, tiny (a random offline '
+        'stand-in) or none (default: %(default)s)',
+    )
+    parser.add_argument(
+        '--references',
+        type=int,
+        default=None,
+        help='real clips in the real set: the first N of the valid manifest (default: all)',
+    )
     parser.add_argument('--no-codec', action='store_true', help='skip the codec fidelity scores')
     parser.add_argument('--no-fad', action='store_true', help='skip FAD (KAD is kept)')
-    parser.add_argument('--kld', action='store_true',
-                        help='also the PaSST KL (needs hear21passt and its weights on this machine)')
+    parser.add_argument(
+        '--kld', action='store_true', help='also the PaSST KL (needs hear21passt and its weights on this machine)'
+    )
     parser.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda, cuda:N')
-    parser.add_argument('--out', type=Path, default=Path('evaluations'),
-                        help='root folder; each run writes a new OUT/<timestamp>/ (default: evaluations/)')
+    parser.add_argument(
+        '--out',
+        type=Path,
+        default=Path('evaluations'),
+        help='root folder; each run writes a new OUT/<timestamp>/ (default: evaluations/)',
+    )
     parser.add_argument('--max-batch', type=int, default=25, help='clips per forward pass (default: %(default)s)')
-    parser.add_argument('--loudness', type=float, default=-14.0,
-                        help='LUFS of the written and compared clips (default: %(default)s)')
+    parser.add_argument(
+        '--loudness', type=float, default=-14.0, help='LUFS of the written and compared clips (default: %(default)s)'
+    )
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bars')
     return parser
 
@@ -82,8 +112,10 @@ def valid_split(dataset: str) -> Path:
     cfg = project.compose([f'dataset={dataset}'])
     valid = cfg.datasource.get('valid')
     if not valid:
-        raise AudiogenError(f"--dataset {dataset}: its preset sets no datasource.valid; re-run "
-                            f"`python -m scripts.prepare_dataset DIR --name {dataset}`.")
+        raise AudiogenError(
+            f'--dataset {dataset}: its preset sets no datasource.valid; re-run '
+            f'`python -m scripts.prepare_dataset DIR --name {dataset}`.'
+        )
     return project.resolve_path(valid)
 
 
@@ -107,38 +139,54 @@ def main(argv: list[str] | None = None) -> int:
         real = valid_split(args.dataset) if args.dataset else None
         if not prompts:
             if real is None:
-                raise AudiogenError("No prompt: pass --dataset NAME (its valid captions), --prompt TEXT or "
-                                    "--prompts-file FILE.")
+                raise AudiogenError(
+                    'No prompt: pass --dataset NAME (its valid captions), --prompt TEXT or --prompts-file FILE.'
+                )
             prompts = evaluation.distinct_captions(evaluation.read_real_clips(real), args.num_prompts)
             if not prompts:
-                raise AudiogenError(f"--dataset {args.dataset}: no valid clip in {real} has a caption.")
+                raise AudiogenError(f'--dataset {args.dataset}: no valid clip in {real} has a caption.')
         wanted = {'clap', 'kad', 'fad', 'codec'} | ({'kld'} if args.kld else set())
         wanted -= {name for name, off in (('codec', args.no_codec), ('fad', args.no_fad)) if off}
         settings = evaluation.EvalSettings(
             seeds=tuple(generation.make_seeds(args.batch_size, args.seed, args.seeds)),
-            duration=args.duration, metrics=frozenset(wanted),
-            clap_model=None if args.clap_model in ('', 'none') else args.clap_model, references=args.references,
-            max_batch=args.max_batch, loudness=args.loudness)
-        params = generation.GenerationParams(duration=args.duration, top_k=args.top_k, top_p=args.top_p,
-                                             temperature=args.temperature, cfg_coef=args.cfg_coef)
+            duration=args.duration,
+            metrics=frozenset(wanted),
+            clap_model=None if args.clap_model in ('', 'none') else args.clap_model,
+            references=args.references,
+            max_batch=args.max_batch,
+            loudness=args.loudness,
+        )
+        params = generation.GenerationParams(
+            duration=args.duration,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            temperature=args.temperature,
+            cfg_coef=args.cfg_coef,
+        )
         if args.max_batch < 1:
-            raise AudiogenError(f"--max-batch must be >= 1, got {args.max_batch}.")
+            raise AudiogenError(f'--max-batch must be >= 1, got {args.max_batch}.')
         if args.references is not None and args.references < 2:
-            raise AudiogenError(f"--references must be >= 2 (KAD and FAD compare sets), got {args.references}.")
+            raise AudiogenError(f'--references must be >= 2 (KAD and FAD compare sets), got {args.references}.')
         device = generation.pick_device(args.device)
         sources = [_resolve(spec, args.weights) for spec in args.models]
-        cfg = evaluation.ReportConfig(prompts=prompts, settings=settings, params=params, out=args.out, real=real,
-                                      progress=not args.no_progress,
-                                      command=shlex.join(['audiogen-evaluate', *(argv or sys.argv[1:])]))
+        cfg = evaluation.ReportConfig(
+            prompts=prompts,
+            settings=settings,
+            params=params,
+            out=args.out,
+            real=real,
+            progress=not args.no_progress,
+            command=shlex.join(['audiogen-evaluate', *(argv or sys.argv[1:])]),
+        )
         folder = evaluation.evaluate_models(sources, cfg, device)
         print((folder / 'summary.md').read_text(encoding='utf-8'))
-        print(f"Listening page: {folder / 'index.html'}")
+        print(f'Listening page: {folder / "index.html"}')
         return 0
 
     try:
         return run_cli('audiogen-evaluate', body)
     except KeyboardInterrupt:
-        print("audiogen-evaluate: interrupted; the report was not written.", file=sys.stderr)
+        print('audiogen-evaluate: interrupted; the report was not written.', file=sys.stderr)
         return 130
 
 

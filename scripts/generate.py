@@ -8,6 +8,7 @@ Examples:
 Files: OUT/<prompt-slug>/<timestamp>/<seed>.<format> at the --loudness target, with <seed>.json beside each.
 Exit status: 0 on success, 2 on bad input (nothing written), 1 on other errors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,35 +21,57 @@ from solvers import fastgen, generation
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog='audiogen-generate', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog='audiogen-generate', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument('prompts', nargs='*', help='text prompts, one clip set per prompt')
-    parser.add_argument('--prompts-file', type=Path,
-                        help='UTF-8 file with one prompt per line (blank lines and # comments skipped)')
-    parser.add_argument('--model', default=generation.DEFAULT_MODEL,
-                        help='HF id, package dir, exported fine-tune, or XP signature/folder (default: %(default)s)')
-    parser.add_argument('--weights', choices=('best', 'ema', 'last'), default=None,
-                        help='for XPs: best (default), ema or last weights')
-    parser.add_argument('--batch_size', '--batch-size', type=int, default=25,
-                        help='variations per prompt, with seeds SEED..SEED+N-1 (default: %(default)s)')
+    parser.add_argument(
+        '--prompts-file', type=Path, help='UTF-8 file with one prompt per line (blank lines and # comments skipped)'
+    )
+    parser.add_argument(
+        '--model',
+        default=generation.DEFAULT_MODEL,
+        help='HF id, package dir, exported fine-tune, or XP signature/folder (default: %(default)s)',
+    )
+    parser.add_argument(
+        '--weights', choices=('best', 'ema', 'last'), default=None, help='for XPs: best (default), ema or last weights'
+    )
+    parser.add_argument(
+        '--batch_size',
+        '--batch-size',
+        type=int,
+        default=25,
+        help='variations per prompt, with seeds SEED..SEED+N-1 (default: %(default)s)',
+    )
     parser.add_argument('--seed', type=int, default=0, help='seed of the first variation (default: %(default)s)')
     parser.add_argument('--seeds', type=int, nargs='+', help='exact seeds to generate (overrides --batch_size)')
     parser.add_argument('--duration', type=float, default=5.0, help='seconds per clip (default: %(default)s)')
     parser.add_argument('--top_k', '--top-k', type=int, default=250, help='top-k sampling, 0 = off (default: 250)')
     parser.add_argument('--top_p', '--top-p', type=float, default=0.0, help='nucleus sampling, 0 = off (default: 0)')
     parser.add_argument('--temperature', type=float, default=1.0, help='0 = greedy decoding (default: 1)')
-    parser.add_argument('--cfg_coef', '--cfg-coef', type=float, default=3.0,
-                        help='classifier-free guidance (default: 3)')
-    parser.add_argument('--extend-stride', type=float, default=None,
-                        help='seconds per sliding-window step beyond the model window (default: 2, at most half '
-                             'the window)')
+    parser.add_argument(
+        '--cfg_coef', '--cfg-coef', type=float, default=3.0, help='classifier-free guidance (default: 3)'
+    )
+    parser.add_argument(
+        '--extend-stride',
+        type=float,
+        default=None,
+        help='seconds per sliding-window step beyond the model window (default: 2, at most half the window)',
+    )
     parser.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda, cuda:N')
-    parser.add_argument('--decoder', choices=fastgen.DECODERS, default='fast',
-                        help="LM decoding: fast (audiocraft's tokens, faster; default), graph (CUDA graphs, opt-in, "
-                             "within float tolerance of fast), stock (audiocraft's own loop)")
-    parser.add_argument('--dtype', choices=generation.DTYPES, default='auto',
-                        help='LM dtype: auto (float32 on CPU, float16 on GPU, as audiocraft), float32, float16, '
-                             'bfloat16 (GPU)')
+    parser.add_argument(
+        '--decoder',
+        choices=fastgen.DECODERS,
+        default='fast',
+        help="LM decoding: fast (audiocraft's tokens, faster; default), graph (CUDA graphs, opt-in, "
+        "within float tolerance of fast), stock (audiocraft's own loop)",
+    )
+    parser.add_argument(
+        '--dtype',
+        choices=generation.DTYPES,
+        default='auto',
+        help='LM dtype: auto (float32 on CPU, float16 on GPU, as audiocraft), float32, float16, bfloat16 (GPU)',
+    )
     parser.add_argument('--format', choices=generation.FORMATS, default='wav', help='audio format (default: wav)')
     parser.add_argument('--out', type=Path, default=Path('out'), help='output root (default: out/)')
     parser.add_argument('--max-batch', type=int, default=25, help='clips per forward pass (default: %(default)s)')
@@ -68,32 +91,44 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
     from solvers.errors import AudiogenError
+
     try:
         prompts = list(args.prompts)
         if args.prompts_file is not None:
             prompts += generation.read_prompts_file(args.prompts_file)
         params = generation.GenerationParams(
-            duration=args.duration, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-            cfg_coef=args.cfg_coef, extend_stride=args.extend_stride)
+            duration=args.duration,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            temperature=args.temperature,
+            cfg_coef=args.cfg_coef,
+            extend_stride=args.extend_stride,
+        )
         cfg = generation.RunConfig(
-            prompts=prompts, seeds=generation.make_seeds(args.batch_size, args.seed, args.seeds), params=params,
-            out=args.out, fmt=args.format, loudness=args.loudness, max_batch=args.max_batch,
-            progress=not args.no_progress)
+            prompts=prompts,
+            seeds=generation.make_seeds(args.batch_size, args.seed, args.seeds),
+            params=params,
+            out=args.out,
+            fmt=args.format,
+            loudness=args.loudness,
+            max_batch=args.max_batch,
+            progress=not args.no_progress,
+        )
         cfg.check()
         device = generation.pick_device(args.device)
         source = generation.resolve_model(args.model, args.weights)
         model = generation.load_model(source, device, decoder=args.decoder, dtype=args.dtype)
         files = generation.run(model, source, cfg, device)
     except AudiogenError as err:
-        print(f"audiogen-generate: error: {err}", file=sys.stderr)
+        print(f'audiogen-generate: error: {err}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("audiogen-generate: interrupted; the files written so far are complete.", file=sys.stderr)
+        print('audiogen-generate: interrupted; the files written so far are complete.', file=sys.stderr)
         return 130
     folders = sorted({str(path.parent) for path in files})
-    print(f"Wrote {len(files)} clip(s) with JSON sidecars to:")
+    print(f'Wrote {len(files)} clip(s) with JSON sidecars to:')
     for folder in folders:
-        print(f"  {folder}")
+        print(f'  {folder}')
     return 0
 
 

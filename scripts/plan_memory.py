@@ -10,6 +10,7 @@ Usage:
 
 Exit status: 0 when the plan fits, 3 when it doesn't, 2 on bad input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,14 +19,22 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='plan_memory', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog='plan_memory', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument('overrides', nargs='*', help='dora run overrides, e.g. solver=audiogen/train adapter=lora')
-    parser.add_argument('--gpu-gb', type=float, default=24.0,
-                        help='GPU memory in GB (1e9 bytes, as GPUs are sold: 24, 40, 48, 80); default 24')
-    parser.add_argument('--fit', action='store_true',
-                        help='when it does not fit, add levers (LoRA, checkpointing, 8-bit AdamW, EMA on the host, '
-                             'then smaller micro-batches with more accumulation) until it does')
+    parser.add_argument(
+        '--gpu-gb',
+        type=float,
+        default=24.0,
+        help='GPU memory in GB (1e9 bytes, as GPUs are sold: 24, 40, 48, 80); default 24',
+    )
+    parser.add_argument(
+        '--fit',
+        action='store_true',
+        help='when it does not fit, add levers (LoRA, checkpointing, 8-bit AdamW, EMA on the host, '
+        'then smaller micro-batches with more accumulation) until it does',
+    )
     return parser
 
 
@@ -37,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         from solvers import memory, project
 
         if args.gpu_gb <= 0:
-            raise AudiogenError(f"--gpu-gb must be > 0, got {args.gpu_gb:g}.")
+            raise AudiogenError(f'--gpu-gb must be > 0, got {args.gpu_gb:g}.')
         overrides = list(args.overrides)
         cfg = project.compose(overrides)
         current = memory.plan(cfg, args.gpu_gb, overrides)
@@ -46,15 +55,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         fitted = memory.make_it_fit(overrides, args.gpu_gb, project.compose)
         if fitted is None:
-            print(f"\nEven one clip per micro-batch with every lever does not fit in {args.gpu_gb:g} GB: "
-                  "shorten dataset.segment_duration or use a larger GPU.")
+            print(
+                f'\nEven one clip per micro-batch with every lever does not fit in {args.gpu_gb:g} GB: '
+                'shorten dataset.segment_duration or use a larger GPU.'
+            )
             return 3
-        added = fitted.overrides[len(overrides):]
-        print(f"\nTo fit in {args.gpu_gb:g} GB, add: {' '.join(added)}")
+        added = fitted.overrides[len(overrides) :]
+        print(f'\nTo fit in {args.gpu_gb:g} GB, add: {" ".join(added)}')
         if args.fit:
             print()
             print(memory.format_plan(fitted, 'Memory plan with those overrides'))
-        print(f"Next: dora run {shlex.join(fitted.overrides)}")
+        print(f'Next: dora run {shlex.join(fitted.overrides)}')
         return 3
 
     return run_cli('plan_memory', body)

@@ -3,6 +3,7 @@
 Usage: python -m scripts.show_xp solver=audiogen/demo      (the same overrides as `dora run`)
        python -m scripts.show_xp --sig 0f95cd25
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,24 +26,25 @@ def main(argv: list[str] | None = None) -> int:
         print(folder)
         return 0
     if not (folder / 'history.json').exists():
-        print(f"XP {xp.sig} has not run yet (expected it in {folder}).", file=sys.stderr)
+        print(f'XP {xp.sig} has not run yet (expected it in {folder}).', file=sys.stderr)
         return 1
     history = json.loads((folder / 'history.json').read_text())
-    print(f"XP {xp.sig}: {folder}")
-    print(f"  checkpoints: {', '.join(sorted(p.name for p in folder.glob('checkpoint*.th'))) or 'none'}")
+    print(f'XP {xp.sig}: {folder}')
+    print(f'  checkpoints: {", ".join(sorted(p.name for p in folder.glob("checkpoint*.th"))) or "none"}')
     samples = sorted((folder / 'samples').glob('epoch_*'))
     if samples:
-        print(f"  samples:     {samples[-1]} ({len(list(samples[-1].glob('*.wav')))} WAVs, -14 LUFS)")
-    print(f"  tensorboard: tensorboard --logdir {folder / 'tensorboard'}")
-    print("  epoch  train ce  valid ce")
+        print(f'  samples:     {samples[-1]} ({len(list(samples[-1].glob("*.wav")))} WAVs, -14 LUFS)')
+    print(f'  tensorboard: tensorboard --logdir {folder / "tensorboard"}')
+    print('  epoch  train ce  valid ce')
     for epoch, stages in enumerate(history, 1):
         train_ce = stages.get('train', {}).get('ce', float('nan'))
         valid_ce = stages.get('valid', {}).get('ce', float('nan'))
-        print(f"  {epoch:5d}  {train_ce:8.3f}  {valid_ce:8.3f}")
+        print(f'  {epoch:5d}  {train_ce:8.3f}  {valid_ce:8.3f}')
     from solvers.solver import next_commands
-    print("Next:")
+
+    print('Next:')
     for line in next_commands(xp.cfg, xp.sig):
-        print(f"  {line}")
+        print(f'  {line}')
     return 0
 
 

@@ -1,4 +1,5 @@
 """audiogen-finetune: the Dora package (train.py), the fine-tuning solver and the library code the scripts share."""
+
 import os
 from pathlib import Path
 

@@ -21,6 +21,7 @@ therefore megabytes; the base weights come from the package its config names (``
 (``W += scaling * B @ A``), without building the model (which would load T5); the round-trip test checks it
 against the unmerged peft model token for token.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,8 @@ from .errors import AudiogenError
 
 logger = logging.getLogger(__name__)
 
-MODULE_ADAPTER = 'lora'        # peft adapter holding the nn.Linear targets (with dropout)
-PARAM_ADAPTER = 'lora_qkv'     # peft adapter holding the fused in_proj_weight targets (no dropout in peft)
+MODULE_ADAPTER = 'lora'  # peft adapter holding the nn.Linear targets (with dropout)
+PARAM_ADAPTER = 'lora_qkv'  # peft adapter holding the fused in_proj_weight targets (no dropout in peft)
 PARAM_TARGETS = {'self_qkv': 'self_attn.in_proj_weight', 'cross_qkv': 'cross_attention.in_proj_weight'}
 MODULE_TARGETS = {  # regular expressions over LMModel module names (peft matches them in full)
     'self_out': r'transformer\.layers\.\d+\.self_attn\.out_proj',
@@ -55,7 +56,7 @@ def enabled(cfg: DictConfig) -> bool:
     """True when the config asks for LoRA adapters (``adapter.kind: lora``)."""
     kind = OmegaConf.select(cfg, 'adapter.kind', default='none')
     if kind not in ('none', 'lora'):
-        raise AdapterError(f"adapter.kind={kind}: choose none (full fine-tune) or lora (adapter=lora).")
+        raise AdapterError(f'adapter.kind={kind}: choose none (full fine-tune) or lora (adapter=lora).')
     return kind == 'lora'
 
 
@@ -66,38 +67,49 @@ def check_settings(cfg: DictConfig) -> None:
     settings = cfg.adapter
     frozen = [f'freeze.{k}={v}' for k, v in cfg.freeze.items() if v]
     if frozen:
-        raise AdapterError(f"{' '.join(frozen)} freezes parts of a full fine-tune, but adapter=lora already freezes "
-                           "every base weight: drop the freeze.* override(s), or use adapter=none.")
+        raise AdapterError(
+            f'{" ".join(frozen)} freezes parts of a full fine-tune, but adapter=lora already freezes '
+            'every base weight: drop the freeze.* override(s), or use adapter=none.'
+        )
     unknown = [t for t in settings.targets if t not in TARGETS]
     if unknown or not settings.targets:
-        raise AdapterError(f"adapter.targets={list(settings.targets)}: choose among {', '.join(TARGETS)} "
-                           f"(unknown: {', '.join(unknown) or 'none given'}).")
+        raise AdapterError(
+            f'adapter.targets={list(settings.targets)}: choose among {", ".join(TARGETS)} '
+            f'(unknown: {", ".join(unknown) or "none given"}).'
+        )
     if int(settings.rank) < 1:
-        raise AdapterError(f"adapter.rank={settings.rank} must be a positive integer (8-64 is usual).")
+        raise AdapterError(f'adapter.rank={settings.rank} must be a positive integer (8-64 is usual).')
     if not 0.0 <= float(settings.dropout) < 1.0:
-        raise AdapterError(f"adapter.dropout={settings.dropout} must be within [0, 1).")
+        raise AdapterError(f'adapter.dropout={settings.dropout} must be within [0, 1).')
     if settings.base_dtype not in BASE_DTYPES:
-        raise AdapterError(f"adapter.base_dtype={settings.base_dtype}: choose one of {', '.join(BASE_DTYPES)}.")
+        raise AdapterError(f'adapter.base_dtype={settings.base_dtype}: choose one of {", ".join(BASE_DTYPES)}.')
     if not bool(OmegaConf.select(cfg, 'transformer_lm.memory_efficient', default=False)) and any(
-            t in PARAM_TARGETS for t in settings.targets):
+        t in PARAM_TARGETS for t in settings.targets
+    ):
         raise AdapterError(
             "adapter.targets asks for the fused q/k/v projections, which exist in audiocraft's custom attention "
-            "only: set transformer_lm.memory_efficient=true (what facebook/audiogen-medium uses) or drop "
-            "self_qkv/cross_qkv from adapter.targets.")
+            'only: set transformer_lm.memory_efficient=true (what facebook/audiogen-medium uses) or drop '
+            'self_qkv/cross_qkv from adapter.targets.'
+        )
 
 
 def lora_configs(settings: DictConfig) -> dict[str, tp.Any]:
     """The peft LoraConfig of each adapter name the settings need."""
     from peft import LoraConfig
 
-    common: dict[str, tp.Any] = {'r': int(settings.rank), 'lora_alpha': float(settings.alpha),
-                                 'use_rslora': bool(settings.rslora), 'init_lora_weights': True}
+    common: dict[str, tp.Any] = {
+        'r': int(settings.rank),
+        'lora_alpha': float(settings.alpha),
+        'use_rslora': bool(settings.rslora),
+        'init_lora_weights': True,
+    }
     configs = {}
     modules = [MODULE_TARGETS[t] for t in settings.targets if t in MODULE_TARGETS]
     params = [PARAM_TARGETS[t] for t in settings.targets if t in PARAM_TARGETS]
     if modules:
-        configs[MODULE_ADAPTER] = LoraConfig(target_modules='|'.join(f'(?:{m})' for m in modules),
-                                             lora_dropout=float(settings.dropout), **common)
+        configs[MODULE_ADAPTER] = LoraConfig(
+            target_modules='|'.join(f'(?:{m})' for m in modules), lora_dropout=float(settings.dropout), **common
+        )
     if params:
         configs[PARAM_ADAPTER] = LoraConfig(target_modules=[], target_parameters=params, lora_dropout=0.0, **common)
     return configs
@@ -129,7 +141,7 @@ def hold_base_in(lm: torch.nn.Module, dtype_name: str, device: str) -> None:
     if dtype is torch.float32:
         return
     if not str(device).startswith('cuda'):
-        logger.info("adapter.base_dtype=%s applies on CUDA only: the base stays float32 on %s.", dtype_name, device)
+        logger.info('adapter.base_dtype=%s applies on CUDA only: the base stays float32 on %s.', dtype_name, device)
         return
     for param in lm.parameters():
         if not param.requires_grad and param.is_floating_point():
@@ -147,8 +159,14 @@ def layout(lm: torch.nn.Module) -> list[list]:
         stripped = name.replace('.base_layer', '')
         base_key = f'{stripped}.{module.parameter_name}' if isinstance(module, ParamWrapper) else f'{stripped}.weight'
         for adapter in module.lora_A:
-            out.append([base_key, f'{name}.lora_A.{adapter}.weight', f'{name}.lora_B.{adapter}.weight',
-                        float(module.scaling[adapter])])
+            out.append(
+                [
+                    base_key,
+                    f'{name}.lora_A.{adapter}.weight',
+                    f'{name}.lora_B.{adapter}.weight',
+                    float(module.scaling[adapter]),
+                ]
+            )
     return out
 
 
@@ -166,13 +184,17 @@ def merge_state(base_state: dict, adapter_state: dict, adapter_layout: list[list
     for base_key, a_key, b_key, scaling in adapter_layout:
         if base_key not in merged or a_key not in adapter_state or b_key not in adapter_state:
             missing = next(k for k in (base_key, a_key, b_key) if k not in (merged if k == base_key else adapter_state))
-            raise AdapterError(f"The adapter doesn't fit its base: {missing} is missing. Was it trained over another "
-                               "package? Use the package its XP config names (pretrained=...).")
+            raise AdapterError(
+                f"The adapter doesn't fit its base: {missing} is missing. Was it trained over another "
+                'package? Use the package its XP config names (pretrained=...).'
+            )
         weight = merged[base_key]
         delta = adapter_state[b_key].float() @ adapter_state[a_key].float() * scaling
         if delta.shape != weight.shape:
-            raise AdapterError(f"The adapter for {base_key} has shape {tuple(delta.shape)} but the base weight is "
-                               f"{tuple(weight.shape)}: it was trained over another package.")
+            raise AdapterError(
+                f'The adapter for {base_key} has shape {tuple(delta.shape)} but the base weight is '
+                f'{tuple(weight.shape)}: it was trained over another package.'
+            )
         merged[base_key] = (weight.float() + delta).to(weight.dtype)
     return merged
 
@@ -190,8 +212,12 @@ class TrainableState(torch.nn.Module):
         super().__init__()
         self.__dict__['_params'] = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    def named_parameters(self, prefix: str = '', recurse: bool = True,  # type: ignore[override]
-                         remove_duplicate: bool = True) -> tp.Iterator[tuple[str, torch.nn.Parameter]]:
+    def named_parameters(
+        self,
+        prefix: str = '',
+        recurse: bool = True,  # type: ignore[override]
+        remove_duplicate: bool = True,
+    ) -> tp.Iterator[tuple[str, torch.nn.Parameter]]:
         yield from ((prefix + name, param) for name, param in self._params.items())
 
     def parameters(self, recurse: bool = True) -> tp.Iterator[torch.nn.Parameter]:  # type: ignore[override]
@@ -203,14 +229,19 @@ class TrainableState(torch.nn.Module):
     def state_dict(self, *args: tp.Any, keep_vars: bool = False, **kwargs: tp.Any) -> dict:  # type: ignore[override]
         return {name: param if keep_vars else param.detach() for name, param in self._params.items()}
 
-    def load_state_dict(self, state_dict: tp.Mapping[str, tp.Any], strict: bool = True,  # type: ignore[override]
-                        assign: bool = False) -> tp.Any:
+    def load_state_dict(
+        self,
+        state_dict: tp.Mapping[str, tp.Any],
+        strict: bool = True,  # type: ignore[override]
+        assign: bool = False,
+    ) -> tp.Any:
         missing = sorted(set(self._params) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(self._params))
         if strict and (missing or unexpected):
             raise AdapterError(
                 f"The adapter state doesn't match this model's adapters (missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}): it was saved with other adapter.targets or adapter.rank.")
+                f'{unexpected[:3]}): it was saved with other adapter.targets or adapter.rank.'
+            )
         with torch.no_grad():
             for name, value in state_dict.items():
                 if name in self._params:
@@ -233,8 +264,10 @@ def freeze(lm: tp.Any, cfg: DictConfig) -> list[str]:
     layers = lm.transformer.layers
     first = int(settings.first_layers)
     if not 0 <= first < len(layers):
-        raise AdapterError(f"freeze.first_layers={first} must be within [0, {len(layers) - 1}]: the model has "
-                           f"{len(layers)} layers and at least one must train.")
+        raise AdapterError(
+            f'freeze.first_layers={first} must be within [0, {len(layers) - 1}]: the model has '
+            f'{len(layers)} layers and at least one must train.'
+        )
     parts: list[tuple[str, torch.nn.Module]] = [(f'transformer.layers.{i}', layers[i]) for i in range(first)]
     if settings.embeddings:
         parts.append(('emb', lm.emb))

@@ -5,6 +5,7 @@ A write goes to a hidden temporary file in the destination's folder, is fsync'ed
 folder is fsync'ed. A crash at any point leaves either the previous file or the complete new one, plus at most a
 ``*.tmp`` file that :func:`stale_temporaries` finds.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def open_atomic(path: str | os.PathLike, mode: str = 'wb', overwrite: bool = True, encoding: str | None = None,
-                sync_dir: bool = True) -> tp.Iterator[tp.IO]:
+def open_atomic(
+    path: str | os.PathLike,
+    mode: str = 'wb',
+    overwrite: bool = True,
+    encoding: str | None = None,
+    sync_dir: bool = True,
+) -> tp.Iterator[tp.IO]:
     """A file object whose content appears at ``path`` whole, when the ``with`` block ends without an error.
 
     Args:
@@ -49,7 +55,7 @@ def open_atomic(path: str | os.PathLike, mode: str = 'wb', overwrite: bool = Tru
     if mode not in ('w', 'wb'):
         raise ValueError(f"open_atomic writes whole files: mode 'w' or 'wb', not {mode!r}.")
     if not overwrite and path.exists():
-        raise FileExistsError(f"{path} already exists; refusing to overwrite it.")
+        raise FileExistsError(f'{path} already exists; refusing to overwrite it.')
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=TMP_SUFFIX, dir=path.parent)
     try:

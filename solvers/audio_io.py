@@ -3,6 +3,7 @@
 audiocraft's `audio_write` pipes every format, WAV included, through an `ffmpeg` executable. Here soundfile
 (libsndfile) writes WAV, FLAC, OGG and MP3 in-process.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,12 @@ import torchaudio.functional as AF
 
 from . import atomic
 
-FORMATS = {'wav': ('WAV', 'PCM_16'), 'flac': ('FLAC', 'PCM_16'), 'ogg': ('OGG', 'VORBIS'),
-           'mp3': ('MP3', 'MPEG_LAYER_III')}
+FORMATS = {
+    'wav': ('WAV', 'PCM_16'),
+    'flac': ('FLAC', 'PCM_16'),
+    'ogg': ('OGG', 'VORBIS'),
+    'mp3': ('MP3', 'MPEG_LAYER_III'),
+}
 SILENCE_LUFS = -70.0  # BS.1770 absolute gate: below it a clip has no measurable loudness
 DC_CUTOFF_HZ = 20.0  # the bottom of human hearing: what lies below is offset and drift, not sound
 
@@ -45,8 +50,9 @@ def remove_dc(wav: torch.Tensor, sample_rate: int, cutoff_hz: float = DC_CUTOFF_
     return AF.highpass_biquad(wav, sample_rate, cutoff_hz)
 
 
-def normalize_loudness(wav: torch.Tensor, sample_rate: int, target_lufs: float = -14.0,
-                       peak_db: float = -1.0, iterations: int = 4) -> torch.Tensor:
+def normalize_loudness(
+    wav: torch.Tensor, sample_rate: int, target_lufs: float = -14.0, peak_db: float = -1.0, iterations: int = 4
+) -> torch.Tensor:
     """Remove DC, then scale a [C, T] waveform to ``target_lufs`` keeping every sample below ``peak_db`` dBFS.
 
     A plain gain reaches the target unless the clip is very peaky; then a soft limiter (tanh above the ceiling's
@@ -83,8 +89,9 @@ def _soft_limit(wav: torch.Tensor, ceiling: float, knee: float = 0.5) -> torch.T
     return torch.where(over, wav.sign() * limited, wav)
 
 
-def write_audio(path: str | os.PathLike, wav: torch.Tensor, sample_rate: int, fmt: str | None = None,
-                overwrite: bool = False) -> Path:
+def write_audio(
+    path: str | os.PathLike, wav: torch.Tensor, sample_rate: int, fmt: str | None = None, overwrite: bool = False
+) -> Path:
     """Write a [C, T] or [T] float waveform atomically (temporary file, fsync, rename).
 
     Args:
@@ -106,7 +113,7 @@ def write_audio(path: str | os.PathLike, wav: torch.Tensor, sample_rate: int, fm
     if data.dim() == 1:
         data = data[None]
     if not torch.isfinite(data).all():
-        raise ValueError(f"Refusing to write {path}: the waveform has NaN or Inf samples.")
+        raise ValueError(f'Refusing to write {path}: the waveform has NaN or Inf samples.')
     container, subtype = FORMATS[fmt]
     with atomic.open_atomic(path, 'wb', overwrite) as f:
         soundfile.write(f, data.clamp(-1, 1).numpy().T, sample_rate, format=container, subtype=subtype)
@@ -123,6 +130,5 @@ def slugify(text: str, max_len: int = 60) -> str:
     slug = '_'.join(part for part in ''.join(chars).split('_') if part)
     if not slug or len(slug.encode()) > max_len:
         digest = hashlib.sha1(text.encode()).hexdigest()[:8]
-        slug = (slug.encode()[:max_len - 9].decode(errors='ignore').rstrip('_') + '_' + digest).lstrip('_')
+        slug = (slug.encode()[: max_len - 9].decode(errors='ignore').rstrip('_') + '_' + digest).lstrip('_')
     return slug
-

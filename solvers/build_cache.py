@@ -5,6 +5,7 @@ it is stored once under ``$AUDIOGEN_CACHE`` (default ``~/.cache/audiogen-finetun
 ``<name>-<key>.pt``, where the key hashes the recipe, the source files of the builders and the torch/audiocraft
 versions. Changing any of them builds a new file; nothing here is ever in git.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,9 @@ def recipe_key(recipe: dict, modules: tp.Sequence[ModuleType]) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_or_build(name: str, recipe: dict, modules: tp.Sequence[ModuleType],
-                  build: tp.Callable[[], dict], what: str) -> dict:
+def load_or_build(
+    name: str, recipe: dict, modules: tp.Sequence[ModuleType], build: tp.Callable[[], dict], what: str
+) -> dict:
     """The cached artefact of ``recipe``, built by ``build()`` (and stored) when it isn't cached yet.
 
     Args:
@@ -60,17 +62,17 @@ def load_or_build(name: str, recipe: dict, modules: tp.Sequence[ModuleType],
     if path.is_file():
         try:
             state = load_weights_only(path, mmap=False)
-            print(f"Using {what} cached in {path}", flush=True)
+            print(f'Using {what} cached in {path}', flush=True)
             return state
         except Exception as err:  # a truncated or foreign file: build it again
-            logger.warning("Rebuilding %s: the cached %s is unreadable (%s).", what, path, err)
-    print(f"Building {what} (once; cached in {path.parent}) ...", flush=True)
+            logger.warning('Rebuilding %s: the cached %s is unreadable (%s).', what, path, err)
+    print(f'Building {what} (once; cached in {path.parent}) ...', flush=True)
     begin = time.perf_counter()
     state = build()
     state = {**state, 'recipe': json.dumps(recipe, sort_keys=True, default=str)}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_torch(state, path)
-    print(f"Built {what} in {time.perf_counter() - begin:.0f} s.", flush=True)
+    print(f'Built {what} in {time.perf_counter() - begin:.0f} s.', flush=True)
     return state
 
 

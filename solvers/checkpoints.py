@@ -7,6 +7,7 @@
   audiocraft we allow exactly OmegaConf's container and node classes, plain data holders whose unpickling runs no
   user code. Anything else (a pickled object with a `__reduce__` payload) is refused before any of it runs.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,11 +32,35 @@ def omegaconf_safe_globals() -> list:
     """Classes a pickled OmegaConf config references, for `torch.serialization.safe_globals`."""
     from omegaconf import DictConfig, ListConfig, base, nodes
 
-    node_types = [getattr(nodes, name) for name in (
-        'AnyNode', 'StringNode', 'IntegerNode', 'FloatNode', 'BooleanNode', 'BytesNode', 'PathNode', 'EnumNode')
-        if hasattr(nodes, name)]
-    return [DictConfig, ListConfig, base.ContainerMetadata, base.Metadata, *node_types,
-            tp.Any, dict, list, int, float, str, bool, collections.defaultdict]
+    node_types = [
+        getattr(nodes, name)
+        for name in (
+            'AnyNode',
+            'StringNode',
+            'IntegerNode',
+            'FloatNode',
+            'BooleanNode',
+            'BytesNode',
+            'PathNode',
+            'EnumNode',
+        )
+        if hasattr(nodes, name)
+    ]
+    return [
+        DictConfig,
+        ListConfig,
+        base.ContainerMetadata,
+        base.Metadata,
+        *node_types,
+        tp.Any,
+        dict,
+        list,
+        int,
+        float,
+        str,
+        bool,
+        collections.defaultdict,
+    ]
 
 
 def clean_stale_tmp(folder: Path) -> list[Path]:
@@ -75,13 +100,14 @@ def safe_load(path: Path, mmap: bool = False) -> dict:
     except pickle.UnpicklingError as err:
         unsafe = _unsafe_globals(path)
         raise CheckpointError(
-            f"Refusing to load {path}: it holds pickled Python objects ({', '.join(unsafe) or err}) that could run "
-            "code when loaded, and nothing in it was executed. Checkpoints written by this project hold only tensors "
-            "and plain data; if you trust the file, convert it once in a separate script and re-save it.") from err
+            f'Refusing to load {path}: it holds pickled Python objects ({", ".join(unsafe) or err}) that could run '
+            'code when loaded, and nothing in it was executed. Checkpoints written by this project hold only tensors '
+            'and plain data; if you trust the file, convert it once in a separate script and re-save it.'
+        ) from err
     except Exception as err:  # truncated zip, bad magic number, I/O errors
-        raise CheckpointError(f"Checkpoint {path} is unreadable (truncated or corrupt?): {err}") from err
+        raise CheckpointError(f'Checkpoint {path} is unreadable (truncated or corrupt?): {err}') from err
     if not isinstance(state, dict):
-        raise CheckpointError(f"Checkpoint {path} holds a {type(state).__name__}, not a solver state dict.")
+        raise CheckpointError(f'Checkpoint {path} holds a {type(state).__name__}, not a solver state dict.')
     return state
 
 
@@ -108,8 +134,12 @@ class RNGState:
         np_state: tp.Any = np.random.get_state()  # ('MT19937', keys, pos, has_gauss, cached_gaussian)
         state = {
             'python': random.getstate(),
-            'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
-                      'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+            'numpy': {
+                'keys': torch.from_numpy(np_state[1].astype(np.int64)),
+                'pos': int(np_state[2]),
+                'has_gauss': int(np_state[3]),
+                'cached_gaussian': float(np_state[4]),
+            },
             'torch': torch.get_rng_state(),
         }
         if torch.cuda.is_available():
@@ -121,8 +151,15 @@ class RNGState:
         version, internal, gauss = state['python']
         random.setstate((version, tuple(internal), gauss))
         np_state = state['numpy']
-        np.random.set_state(('MT19937', np_state['keys'].numpy().astype(np.uint32), np_state['pos'],
-                             np_state['has_gauss'], np_state['cached_gaussian']))
+        np.random.set_state(
+            (
+                'MT19937',
+                np_state['keys'].numpy().astype(np.uint32),
+                np_state['pos'],
+                np_state['has_gauss'],
+                np_state['cached_gaussian'],
+            )
+        )
         torch.set_rng_state(state['torch'])
         if 'cuda' in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state['cuda'])
@@ -141,8 +178,8 @@ class RunningMean:
     def update(self, metrics: dict) -> dict:
         """Add one step's metrics and return the means so far."""
         for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.) + float(value)
-            self.counts[key] = self.counts.get(key, 0.) + 1.
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0.0) + 1.0
         return self.value
 
     @property
@@ -177,8 +214,13 @@ class EpochPosition:
         self.bad_steps = 0
 
     def state_dict(self) -> dict:
-        return {'update': self.update, 'epoch_rng': self.epoch_rng, 'rng': self.rng, 'average': self.average,
-                'bad_steps': self.bad_steps}
+        return {
+            'update': self.update,
+            'epoch_rng': self.epoch_rng,
+            'rng': self.rng,
+            'average': self.average,
+            'bad_steps': self.bad_steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.update = int(state.get('update', 0))
@@ -204,7 +246,7 @@ def is_disk_full(err: BaseException, folder: Path) -> bool:
         seen = seen.__cause__ or seen.__context__
     if 'write failed' in str(err) or 'No space left' in str(err):
         try:
-            return shutil.disk_usage(folder).free < 64 * 2 ** 20
+            return shutil.disk_usage(folder).free < 64 * 2**20
         except OSError:
             return False
     return False
@@ -213,16 +255,19 @@ def is_disk_full(err: BaseException, folder: Path) -> bool:
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message, for one-line reports."""
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+    return f'{type(err).__name__}: {text[0] if text else ""}'
 
 
 def size_text(path: Path) -> str:
     """Human size of a file, or 'as much as the last one' when it does not exist yet."""
     try:
-        return f"{path.stat().st_size / 2 ** 30:.2f} GiB" if path.stat().st_size >= 2 ** 30 else \
-            f"{path.stat().st_size / 2 ** 20:.1f} MiB"
+        return (
+            f'{path.stat().st_size / 2**30:.2f} GiB'
+            if path.stat().st_size >= 2**30
+            else f'{path.stat().st_size / 2**20:.1f} MiB'
+        )
     except OSError:
-        return "as much as the model and optimizer state"
+        return 'as much as the model and optimizer state'
 
 
 def describe_kept(folder: Path) -> str:
@@ -234,5 +279,5 @@ def describe_kept(folder: Path) -> str:
                 history = safe_load(path, mmap=True).get('history', [])
             except CheckpointError:
                 continue
-            return f"{path} is intact and holds {len(history)} completed epoch(s)."
-    return "No earlier checkpoint exists: the re-run starts this XP from the pretrained weights."
+            return f'{path} is intact and holds {len(history)} completed epoch(s).'
+    return 'No earlier checkpoint exists: the re-run starts this XP from the pretrained weights.'

@@ -10,6 +10,7 @@ The clean clips are heard through the demo's codec (``heard_through: tiny_codec`
 trained for minutes, renders tones as noisy approximations that a judge of raw clips would call rain. The judge
 thus answers "which class, as this codec renders it, does the clip sound like".
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,17 +24,17 @@ from . import build_cache, demo_data
 
 SAMPLE_RATE = demo_data.SAMPLE_RATE
 RECIPE = {
-    'seconds': 2.0,          # clips are judged on their first 2 s, zero-padded: what the demo generates
-    'n_fft': 1024,           # 64 ms frames: resolves the engine's 35-70 Hz fundamental
-    'hop': 256,              # 16 ms: footsteps' and barks' onsets stay visible
+    'seconds': 2.0,  # clips are judged on their first 2 s, zero-padded: what the demo generates
+    'n_fft': 1024,  # 64 ms frames: resolves the engine's 35-70 Hz fundamental
+    'hop': 256,  # 16 ms: footsteps' and barks' onsets stay visible
     'n_mels': 64,
-    'active_db': 40.0,       # frames within 40 dB of the loudest count as sound; the rest is padding or silence
-    'train_seed': 101,       # clip seeds, disjoint from the demo dataset (0) and the tests (0-2)
+    'active_db': 40.0,  # frames within 40 dB of the loudest count as sound; the rest is padding or silence
+    'train_seed': 101,  # clip seeds, disjoint from the demo dataset (0) and the tests (0-2)
     'train_per_class': 40,
     'test_seed': 102,
     'test_per_class': 12,
-    'weight_decay': 1e-3,    # a little L2 keeps the 131 weights per class from memorising 40 clips
-    'steps': 300,            # full-batch Adam steps: the loss is flat long before
+    'weight_decay': 1e-3,  # a little L2 keeps the 131 weights per class from memorising 40 clips
+    'steps': 300,  # full-batch Adam steps: the loss is flat long before
     'heard_through': 'tiny_codec',  # or None: judge raw clips (see the module docstring)
 }
 
@@ -72,8 +73,10 @@ def demo_data_window(x: torch.Tensor, seconds: float) -> torch.Tensor:
 @functools.cache
 def _mel(n_fft: int, hop: int, n_mels: int):
     import torchaudio
-    return torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=n_fft, hop_length=hop, n_mels=n_mels, f_min=20.0,
-                                                power=2.0)
+
+    return torchaudio.transforms.MelSpectrogram(
+        SAMPLE_RATE, n_fft=n_fft, hop_length=hop, n_mels=n_mels, f_min=20.0, power=2.0
+    )
 
 
 def clean_clips(seed: int, per_class: int, heard_through: str | None = None) -> tuple[list[np.ndarray], list[int]]:
@@ -91,6 +94,7 @@ def clean_clips(seed: int, per_class: int, heard_through: str | None = None) -> 
             labels.append(label)
     if heard_through == 'tiny_codec':
         from . import tiny_codec
+
         clips = tiny_codec.reconstruct(tiny_codec.load(tiny_codec.trained()), clips)
     elif heard_through is not None:
         raise ValueError(f"heard_through={heard_through!r}: use 'tiny_codec' or None.")
@@ -137,8 +141,12 @@ def train(recipe: dict = RECIPE) -> dict:
             opt.zero_grad()
             torch.nn.functional.cross_entropy(linear(z), y).backward()
             opt.step()
-        state = {'mean': mean, 'std': std, 'weight': linear.weight.detach().clone(),
-                 'bias': linear.bias.detach().clone()}
+        state = {
+            'mean': mean,
+            'std': std,
+            'weight': linear.weight.detach().clone(),
+            'bias': linear.bias.detach().clone(),
+        }
         model = Classifier(**state, recipe=recipe)
         test_clips, test_labels = clean_clips(recipe['test_seed'], recipe['test_per_class'], recipe['heard_through'])
         return {**state, 'clean_accuracy': model.accuracy(test_clips, test_labels)}
@@ -155,8 +163,7 @@ def _state(recipe: dict) -> dict:
 def load(recipe: dict = RECIPE) -> Classifier:
     """The cached classifier (trained on first use, in a few seconds)."""
     state = _state(recipe)
-    return Classifier(mean=state['mean'], std=state['std'], weight=state['weight'], bias=state['bias'],
-                      recipe=recipe)
+    return Classifier(mean=state['mean'], std=state['std'], weight=state['weight'], bias=state['bias'], recipe=recipe)
 
 
 def clean_accuracy(recipe: dict = RECIPE) -> float:

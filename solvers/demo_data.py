@@ -65,7 +65,7 @@ def dog_bark(rng: np.random.Generator, n: int) -> np.ndarray:
         f0 = rng.uniform(350, 600) * np.exp(-t * rng.uniform(3, 6))
         phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
         bark = sum(np.sin(k * phase) / k for k in range(1, 6)) + 0.3 * rng.standard_normal(length)
-        out[s:s + length] += bark * _envelope(length, 0.01, 0.08)
+        out[s : s + length] += bark * _envelope(length, 0.01, 0.08)
     return out
 
 
@@ -122,7 +122,7 @@ def footsteps(rng: np.random.Generator, n: int) -> np.ndarray:
         s = int(start * SAMPLE_RATE)
         length = min(int(0.09 * SAMPLE_RATE), n - s)
         thud = _bandpass_noise(rng, length, 80, 1500) * _envelope(length, 0.002, 0.02)
-        out[s:s + length] += thud * rng.uniform(0.7, 1.0)
+        out[s : s + length] += thud * rng.uniform(0.7, 1.0)
         start += period * rng.uniform(0.92, 1.08)
     return out
 
@@ -149,22 +149,23 @@ class SoundClass:
 
 
 CLASSES: tuple[SoundClass, ...] = (
-    SoundClass("dog_bark", dog_bark, ("a dog barking", "a dog barks several times", "a small dog barking nearby")),
-    SoundClass("siren", siren, (
-        "an emergency siren wailing", "a police siren passing by", "a siren sweeping up and down")),
-    SoundClass("rain", rain, ("rain falling steadily", "heavy rain on a roof", "raindrops pattering outside")),
-    SoundClass("bell", bell, ("a bell ringing", "a church bell chiming", "a small metal bell is struck")),
-    SoundClass("engine", engine, ("an engine idling", "a car engine humming", "a diesel motor running")),
-    SoundClass("footsteps", footsteps, ("footsteps on a wooden floor", "a person walking", "slow footsteps")),
-    SoundClass("whistle", whistle, ("a person whistling a tune", "someone whistles a melody", "a high whistle")),
+    SoundClass('dog_bark', dog_bark, ('a dog barking', 'a dog barks several times', 'a small dog barking nearby')),
+    SoundClass(
+        'siren', siren, ('an emergency siren wailing', 'a police siren passing by', 'a siren sweeping up and down')
+    ),
+    SoundClass('rain', rain, ('rain falling steadily', 'heavy rain on a roof', 'raindrops pattering outside')),
+    SoundClass('bell', bell, ('a bell ringing', 'a church bell chiming', 'a small metal bell is struck')),
+    SoundClass('engine', engine, ('an engine idling', 'a car engine humming', 'a diesel motor running')),
+    SoundClass('footsteps', footsteps, ('footsteps on a wooden floor', 'a person walking', 'slow footsteps')),
+    SoundClass('whistle', whistle, ('a person whistling a tune', 'someone whistles a melody', 'a high whistle')),
 )
 
 
 # The demo's story: the stand-in package is "pretrained" on the known classes; `make demo` fine-tunes it on the new
 # ones, as a user fine-tunes on sounds the model doesn't know. No caption of a new class shares a LUT bucket with a
 # known one (tests/test_demo.py checks it), so the new captions start from untrained embeddings.
-KNOWN_CLASSES = ("dog_bark", "siren", "rain", "bell")
-NEW_CLASSES = ("engine", "footsteps", "whistle")
+KNOWN_CLASSES = ('dog_bark', 'siren', 'rain', 'bell')
+NEW_CLASSES = ('engine', 'footsteps', 'whistle')
 CLASS_NAMES = tuple(c.name for c in CLASSES)
 
 
@@ -174,12 +175,14 @@ def select_classes(spec: str) -> tuple[SoundClass, ...]:
     Raises:
         ValueError: an unknown name, with the valid ones.
     """
-    groups = {"all": CLASS_NAMES, "known": KNOWN_CLASSES, "new": NEW_CLASSES}
-    names = groups.get(spec) or tuple(n.strip() for n in spec.split(",") if n.strip())
+    groups = {'all': CLASS_NAMES, 'known': KNOWN_CLASSES, 'new': NEW_CLASSES}
+    names = groups.get(spec) or tuple(n.strip() for n in spec.split(',') if n.strip())
     unknown = [n for n in names if n not in CLASS_NAMES]
     if unknown or not names:
-        raise ValueError(f"Unknown sound class {', '.join(unknown) or repr(spec)}: use all, known, new or names "
-                         f"among {', '.join(CLASS_NAMES)}.")
+        raise ValueError(
+            f'Unknown sound class {", ".join(unknown) or repr(spec)}: use all, known, new or names '
+            f'among {", ".join(CLASS_NAMES)}.'
+        )
     return tuple(c for c in CLASSES if c.name in names)
 
 
@@ -187,7 +190,7 @@ def window(x: np.ndarray, seconds: float) -> np.ndarray:
     """The first ``seconds`` of a clip, zero-padded when shorter (how a training segment starts)."""
     n = int(round(seconds * SAMPLE_RATE))
     out = np.zeros(n, dtype=np.float32)
-    out[:min(n, len(x))] = x[:n]
+    out[: min(n, len(x))] = x[:n]
     return out
 
 
@@ -208,15 +211,16 @@ def synthesize_clip(cls: SoundClass, seed: int, index: int) -> tuple[np.ndarray,
     x = cls.synth(rng, n)
     fade = min(int(0.01 * SAMPLE_RATE), n // 2)  # 10 ms fades so clips don't start or end with a click
     x[:fade] *= np.linspace(0.0, 1.0, fade)
-    x[n - fade:] *= np.linspace(1.0, 0.0, fade)
+    x[n - fade :] *= np.linspace(1.0, 0.0, fade)
     x = x / (np.abs(x).max() + 1e-9) * rng.uniform(0.3, 0.9)
     # Captions take turns (shifted per class), so any 3 clips of a class carry all of its captions.
     caption = cls.captions[(index + class_id) % len(cls.captions)]
     return x.astype(np.float32), caption
 
 
-def make_demo_dataset(out_dir: str | Path, seed: int = 0, per_class: int = 8,
-                      classes: tuple[SoundClass, ...] = CLASSES) -> list[Path]:
+def make_demo_dataset(
+    out_dir: str | Path, seed: int = 0, per_class: int = 8, classes: tuple[SoundClass, ...] = CLASSES
+) -> list[Path]:
     """Write the demo dataset in the ``audio/`` + ``metadata/`` layout.
 
     Args:
@@ -230,20 +234,20 @@ def make_demo_dataset(out_dir: str | Path, seed: int = 0, per_class: int = 8,
         The paths of the written WAV files.
     """
     if per_class < 1:
-        raise ValueError(f"per_class must be at least 1, got {per_class}.")
+        raise ValueError(f'per_class must be at least 1, got {per_class}.')
     out_dir = Path(out_dir)
-    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
-    (out_dir / "metadata").mkdir(parents=True, exist_ok=True)
+    (out_dir / 'audio').mkdir(parents=True, exist_ok=True)
+    (out_dir / 'metadata').mkdir(parents=True, exist_ok=True)
     written = []
     for cls in classes:
         for i in range(per_class):
             x, caption = synthesize_clip(cls, seed, i)
-            stem = f"{cls.name}_{i:03d}"
-            wav_path = out_dir / "audio" / f"{stem}.wav"
-            tmp = wav_path.with_name(f".{wav_path.name}.tmp")
-            sf.write(tmp, x, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+            stem = f'{cls.name}_{i:03d}'
+            wav_path = out_dir / 'audio' / f'{stem}.wav'
+            tmp = wav_path.with_name(f'.{wav_path.name}.tmp')
+            sf.write(tmp, x, SAMPLE_RATE, subtype='PCM_16', format='WAV')
             os.replace(tmp, wav_path)
-            meta = {"text": caption, "duration": round(len(x) / SAMPLE_RATE, 4), "sample_rate": SAMPLE_RATE}
-            (out_dir / "metadata" / f"{stem}.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
+            meta = {'text': caption, 'duration': round(len(x) / SAMPLE_RATE, 4), 'sample_rate': SAMPLE_RATE}
+            (out_dir / 'metadata' / f'{stem}.json').write_text(json.dumps(meta) + '\n', encoding='utf-8')
             written.append(wav_path)
     return written

@@ -1,4 +1,5 @@
 """The one base class of errors a user can fix, and the CLI wrapper that prints them as one line and exits 2."""
+
 from __future__ import annotations
 
 import sys
@@ -23,5 +24,5 @@ def run_cli(prog: str, body: tp.Callable[[], int]) -> int:
     try:
         return body()
     except AudiogenError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f'{prog}: error: {err}', file=sys.stderr)
         return 2

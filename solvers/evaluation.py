@@ -13,6 +13,7 @@ same seeds make epochs and models differ by their weights only. Generated and re
 loudness (-14 LUFS) and length (the generation duration). Evaluation models (CLAP, PaSST) load once per process
 and are never part of the XP's config signature or checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,7 @@ CODEC_SECONDS = 10.0  # seconds of each real clip the codec reconstructs (the me
 UNSUPPORTED_FLAGS = {
     'base': "audiocraft's ce on an evaluate split; the valid stage already logs valid ce",
     'text_consistency': "audiocraft's name for the CLAP score: use evaluate.metrics.clap",
-    'chroma_cosine': "MusicGen melody conditioning only",
+    'chroma_cosine': 'MusicGen melody conditioning only',
 }
 
 
@@ -81,30 +82,44 @@ class EvalSettings:
         flags = ev.metrics
         for key, why in UNSUPPORTED_FLAGS.items():
             if flags.get(key):
-                raise MetricsError(f"evaluate.metrics.{key}=true is not supported by this project's evaluate stage "
-                                   f"({why}); set it to false.")
+                raise MetricsError(
+                    f"evaluate.metrics.{key}=true is not supported by this project's evaluate stage "
+                    f'({why}); set it to false.'
+                )
         unknown = set(flags) - set(ALL_METRICS) - set(UNSUPPORTED_FLAGS)
         if unknown:
-            raise MetricsError(f"Unknown evaluate.metrics key(s) {sorted(unknown)}: choose among {list(ALL_METRICS)}.")
+            raise MetricsError(f'Unknown evaluate.metrics key(s) {sorted(unknown)}: choose among {list(ALL_METRICS)}.')
         seeds = list(ev.seeds or [])
         integers = all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
         if not seeds or not integers or len(set(seeds)) != len(seeds):
-            raise MetricsError(f"evaluate.seeds={seeds}: give a list of distinct non-negative integers, e.g. [0,1].")
+            raise MetricsError(f'evaluate.seeds={seeds}: give a list of distinct non-negative integers, e.g. [0,1].')
         duration = ev.duration if ev.duration is not None else cfg.generate.duration
-        limits = (('evaluate.num_prompts', ev.num_prompts, 1), ('evaluate.max_batch', ev.max_batch, 1),
-                  ('evaluate.clap.batch_size', ev.clap.batch_size, 1), ('evaluate.references', ev.references, 2))
+        limits = (
+            ('evaluate.num_prompts', ev.num_prompts, 1),
+            ('evaluate.max_batch', ev.max_batch, 1),
+            ('evaluate.clap.batch_size', ev.clap.batch_size, 1),
+            ('evaluate.references', ev.references, 2),
+        )
         for key, value, minimum in limits:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
-                raise MetricsError(f"{key}={value}: give an integer >= {minimum}.")
+                raise MetricsError(f'{key}={value}: give an integer >= {minimum}.')
         if not (isinstance(duration, (int, float)) and math.isfinite(duration) and duration > 0):
-            raise MetricsError(f"evaluate.duration={ev.duration} (generate.duration={cfg.generate.duration}): the "
-                               "clips' length must be a positive number of seconds.")
+            raise MetricsError(
+                f'evaluate.duration={ev.duration} (generate.duration={cfg.generate.duration}): the '
+                "clips' length must be a positive number of seconds."
+            )
         clap = ev.clap.model
-        return cls(seeds=tuple(int(s) for s in seeds), duration=float(duration),
-                   metrics=frozenset(k for k in ALL_METRICS if flags.get(k)),
-                   clap_model=None if clap in (None, '', 'none') else str(clap),
-                   num_prompts=ev.num_prompts, references=ev.references, max_batch=int(ev.max_batch),
-                   clap_batch=int(ev.clap.batch_size), loudness=float(cfg.generate.loudness))
+        return cls(
+            seeds=tuple(int(s) for s in seeds),
+            duration=float(duration),
+            metrics=frozenset(k for k in ALL_METRICS if flags.get(k)),
+            clap_model=None if clap in (None, '', 'none') else str(clap),
+            num_prompts=ev.num_prompts,
+            references=ev.references,
+            max_batch=int(ev.max_batch),
+            clap_batch=int(ev.clap.batch_size),
+            loudness=float(cfg.generate.loudness),
+        )
 
 
 def check_models(cfg: tp.Any) -> None:
@@ -164,18 +179,20 @@ def load_audio(clip: RealClip, sample_rate: int, channels: int, seconds: float) 
 
         try:
             info = soundfile.info(str(clip.path))
-            data, rate = soundfile.read(str(clip.path), frames=int(math.ceil(seconds * info.samplerate)),
-                                        dtype='float32', always_2d=True)
+            data, rate = soundfile.read(
+                str(clip.path), frames=int(math.ceil(seconds * info.samplerate)), dtype='float32', always_2d=True
+            )
         except (OSError, RuntimeError) as err:
-            raise MetricsError(f"Cannot read the valid clip {clip.path} ({err}); re-run scripts/prepare_dataset.py "
-                               "for this dataset.") from err
+            raise MetricsError(
+                f'Cannot read the valid clip {clip.path} ({err}); re-run scripts/prepare_dataset.py for this dataset.'
+            ) from err
         wav = torch.from_numpy(data.T.copy())
         if rate != sample_rate:
             wav = AF.resample(wav, rate, sample_rate)
         if wav.shape[0] != channels:
             wav = wav.mean(0, keepdim=True).expand(channels, -1).clone()
         clip.wav = wav
-    return clip.wav[..., :int(seconds * sample_rate)]
+    return clip.wav[..., : int(seconds * sample_rate)]
 
 
 def distinct_captions(clips: tp.Sequence[RealClip], limit: int | None = None) -> list[str]:
@@ -213,8 +230,9 @@ class Judge:
         if wanted and settings.clap_model:
             self.clap = metrics.get_clap(settings.clap_model, str(device), settings.clap_batch)
         elif wanted:
-            self.skipped.update({m: "no CLAP model was chosen (evaluate.clap.model / --clap-model is none)"
-                                 for m in wanted})
+            self.skipped.update(
+                {m: 'no CLAP model was chosen (evaluate.clap.model / --clap-model is none)' for m in wanted}
+            )
         self.passt: metrics.PasstKL | None = None
         if 'kld' in settings.metrics:
             reason = metrics.passt_unavailable()
@@ -226,8 +244,9 @@ class Judge:
         self.real_embeddings: torch.Tensor | None = None
         self.real_metrics: dict[str, float] = {}
 
-    def set_real(self, wavs: tp.Sequence[torch.Tensor], captions: tp.Sequence[str | None], sample_rate: int
-                 ) -> list[float | None]:
+    def set_real(
+        self, wavs: tp.Sequence[torch.Tensor], captions: tp.Sequence[str | None], sample_rate: int
+    ) -> list[float | None]:
         """Embed the real set (at the comparison loudness); return each real clip's CLAP score with its caption."""
         per_clip: list[float | None] = [None] * len(wavs)
         if self.clap is None or not wavs:
@@ -243,8 +262,13 @@ class Judge:
             self.real_metrics['clap_real'] = sum(scores) / len(scores)
         return per_clip
 
-    def score(self, prompts: tp.Sequence[str], wavs: tp.Sequence[torch.Tensor], sample_rate: int,
-              partners: tp.Sequence[torch.Tensor | None] | None = None) -> Scores:
+    def score(
+        self,
+        prompts: tp.Sequence[str],
+        wavs: tp.Sequence[torch.Tensor],
+        sample_rate: int,
+        partners: tp.Sequence[torch.Tensor | None] | None = None,
+    ) -> Scores:
         """Score generated clips (already at the comparison loudness) against the real set.
 
         Args:
@@ -265,8 +289,10 @@ class Judge:
                 if key not in self.settings.metrics:
                     continue
                 if real is None or len(real) < 2 or len(wavs) < 2:
-                    skipped[key] = (f"{key.upper()} needs at least 2 generated and 2 real clips "
-                                    f"({len(wavs)} and {0 if real is None else len(real)} here).")
+                    skipped[key] = (
+                        f'{key.upper()} needs at least 2 generated and 2 real clips '
+                        f'({len(wavs)} and {0 if real is None else len(real)} here).'
+                    )
                 else:
                     out[key] = fn(embeddings, real)
         if self.passt is not None:
@@ -274,12 +300,13 @@ class Judge:
             if pairs:
                 out['kld'] = self.passt([w for w, _ in pairs], [p for _, p in pairs], sample_rate)
             else:
-                skipped['kld'] = "PaSST KL needs a real clip with the same caption as each prompt (use --dataset)."
+                skipped['kld'] = 'PaSST KL needs a real clip with the same caption as each prompt (use --dataset).'
         return Scores({k: v for k, v in out.items() if math.isfinite(v)}, clip_clap, skipped)
 
 
-def generate_clips(model: tp.Any, prompts: tp.Sequence[str], seeds: tp.Sequence[int], max_batch: int,
-                   progress: bool = False) -> dict[tuple[str, int], torch.Tensor]:
+def generate_clips(
+    model: tp.Any, prompts: tp.Sequence[str], seeds: tp.Sequence[int], max_batch: int, progress: bool = False
+) -> dict[tuple[str, int], torch.Tensor]:
     """Every prompt x seed through :func:`generation.generate_batch`, batched as scripts/generate.py batches them.
 
     The model's generation parameters must be set already. Returns [C, T] float32 CPU clips by (prompt, seed).
@@ -289,7 +316,7 @@ def generate_clips(model: tp.Any, prompts: tp.Sequence[str], seeds: tp.Sequence[
     out: dict[tuple[str, int], torch.Tensor] = {}
     for n, batch in enumerate(batches, 1):
         if progress:
-            logger.info("Evaluation batch %d/%d (%d clips)", n, len(batches), len(batch))
+            logger.info('Evaluation batch %d/%d (%d clips)', n, len(batches), len(batch))
         audio = generation.generate_batch(model, [i.prompt for i in batch], [i.seed for i in batch])
         out.update({(i.prompt, i.seed): wav for i, wav in zip(batch, audio)})
     return out
@@ -314,8 +341,10 @@ def _stage_state(solver: tp.Any, settings: EvalSettings) -> _StageState:
     cfg = solver.cfg
     valid = cfg.datasource.get('valid')
     if not valid:
-        raise MetricsError("The evaluate stage scores clips against the valid split, but datasource.valid is not set: "
-                           "pass dataset=NAME (a dataset prepared with scripts/prepare_dataset.py).")
+        raise MetricsError(
+            'The evaluate stage scores clips against the valid split, but datasource.valid is not set: '
+            'pass dataset=NAME (a dataset prepared with scripts/prepare_dataset.py).'
+        )
     key = (str(project.resolve_path(valid)), settings)
     state = _STAGE_STATES.get(solver)
     if state is not None and state.key == key:
@@ -325,13 +354,16 @@ def _stage_state(solver: tp.Any, settings: EvalSettings) -> _StageState:
     clips = read_real_clips(valid)
     prompts = distinct_captions(clips, settings.num_prompts)
     if not prompts:
-        raise MetricsError(f"No valid clip of {valid} has a caption (the JSON beside each clip, key 'description'): "
-                           "re-run scripts/prepare_dataset.py for this dataset.")
-    real = clips[:settings.references]
+        raise MetricsError(
+            f"No valid clip of {valid} has a caption (the JSON beside each clip, key 'description'): "
+            're-run scripts/prepare_dataset.py for this dataset.'
+        )
+    real = clips[: settings.references]
     judge = Judge(settings, str(solver.device))
     judge.set_real([load_audio(c, rate, channels, settings.duration) for c in real], [c.caption for c in real], rate)
-    partners = {p: load_audio(next(c for c in clips if c.caption == p), rate, channels, settings.duration)
-                for p in prompts}
+    partners = {
+        p: load_audio(next(c for c in clips if c.caption == p), rate, channels, settings.duration) for p in prompts
+    }
     scores = {}
     if 'codec' in settings.metrics:
         scores = metrics.codec_fidelity(codec, [load_audio(c, rate, channels, CODEC_SECONDS) for c in real], rate)
@@ -349,8 +381,12 @@ def _solver_audiogen(solver: tp.Any, duration: float) -> tp.Any:
     # At least the clip (one pass, never a sliding-window extension) and 10 s, medium's window: AudioGen's
     # constructor asserts a window longer than its default 2 s stride, and short demo segments are shorter.
     window = max(float(solver.cfg.dataset.segment_duration), duration, 10.0)
-    model = AudioGen(f'xp:{getattr(getattr(solver, "xp", None), "sig", "solver")}', solver.compression_model,
-                     solver.model, max_duration=window)
+    model = AudioGen(
+        f'xp:{getattr(getattr(solver, "xp", None), "sig", "solver")}',
+        solver.compression_model,
+        solver.model,
+        max_duration=window,
+    )
     model.autocast = solver.autocast
     return model
 
@@ -386,9 +422,13 @@ def _evaluate_here(solver: tp.Any, settings: EvalSettings) -> dict[str, float]:
     try:
         model = _solver_audiogen(solver, settings.duration)
         lm = cfg.generate.lm
-        generation.GenerationParams(duration=settings.duration, top_k=int(lm.top_k), top_p=float(lm.top_p),
-                                    temperature=float(lm.temp),
-                                    cfg_coef=float(cfg.classifier_free_guidance.inference_coef)).apply(model)
+        generation.GenerationParams(
+            duration=settings.duration,
+            top_k=int(lm.top_k),
+            top_p=float(lm.top_p),
+            temperature=float(lm.temp),
+            cfg_coef=float(cfg.classifier_free_guidance.inference_coef),
+        ).apply(model)
         with fastgen.decoding(solver.model, str(cfg.generate.get('decoder') or 'fast')):
             clips = generate_clips(model, state.prompts, settings.seeds, settings.max_batch)
     finally:
@@ -397,10 +437,15 @@ def _evaluate_here(solver: tp.Any, settings: EvalSettings) -> dict[str, float]:
     wavs = [audio_io.normalize_loudness(clips[k], rate, settings.loudness) for k in keys]
     scores = state.judge.score([p for p, _ in keys], wavs, rate, [state.partners.get(p) for p, _ in keys])
     for key, reason in scores.skipped.items():
-        logger.info("evaluate/%s not computed: %s", key, reason)
+        logger.info('evaluate/%s not computed: %s', key, reason)
     out = {**scores.metrics, **state.codec}
-    logger.info("Evaluated %d clips (%d captions x %d seeds) in %.1f s.", len(keys), len(state.prompts),
-                len(settings.seeds), time.time() - begin)
+    logger.info(
+        'Evaluated %d clips (%d captions x %d seeds) in %.1f s.',
+        len(keys),
+        len(state.prompts),
+        len(settings.seeds),
+        time.time() - begin,
+    )
     return out
 
 
@@ -413,8 +458,10 @@ def metric_mode(name: str) -> str:
     """
     stage, _, key = name.partition('/')
     if not key:
-        raise MetricsError(f"Best metric '{name}' needs its stage: valid/ce, or evaluate/<key> with key among "
-                           f"{', '.join(metrics.HIGHER_IS_BETTER)}.")
+        raise MetricsError(
+            f"Best metric '{name}' needs its stage: valid/ce, or evaluate/<key> with key among "
+            f'{", ".join(metrics.HIGHER_IS_BETTER)}.'
+        )
     return 'max' if metrics.HIGHER_IS_BETTER.get(key, False) else 'min'
 
 
@@ -480,12 +527,12 @@ def _new_folder(root: Path) -> Path:
             return folder
         except FileExistsError:
             continue
-    raise MetricsError(f"Too many evaluation folders named {stamp} in {root}.")
+    raise MetricsError(f'Too many evaluation folders named {stamp} in {root}.')
 
 
 def _model_label(source: generation.ModelSource) -> str:
     if source.kind == 'xp':
-        return f"{source.sig} ({source.weights}, epoch {source.epoch})"
+        return f'{source.sig} ({source.weights}, epoch {source.epoch})'
     return source.given
 
 
@@ -505,14 +552,23 @@ def evaluate_models(sources: tp.Sequence[generation.ModelSource], cfg: ReportCon
     real = read_real_clips(cfg.real) if cfg.real else []
     folder = _new_folder(cfg.out.expanduser().resolve())
     report: dict[str, tp.Any] = {
-        'created': datetime.datetime.now().astimezone().isoformat(timespec='seconds'), 'command': cfg.command,
-        'prompts': prompts, 'seeds': list(settings.seeds), 'params': dataclasses.asdict(cfg.params),
-        'loudness': settings.loudness, 'clap_model': settings.clap_model, 'device': device,
-        'dataset': str(cfg.real) if cfg.real else None, 'versions': generation.versions(),
-        'models': [], 'clips': [], 'real': {'metrics': {}, 'clips': []}, 'skipped': {},
+        'created': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+        'command': cfg.command,
+        'prompts': prompts,
+        'seeds': list(settings.seeds),
+        'params': dataclasses.asdict(cfg.params),
+        'loudness': settings.loudness,
+        'clap_model': settings.clap_model,
+        'device': device,
+        'dataset': str(cfg.real) if cfg.real else None,
+        'versions': generation.versions(),
+        'models': [],
+        'clips': [],
+        'real': {'metrics': {}, 'clips': []},
+        'skipped': {},
     }
     if 'codec' in settings.metrics and not real:
-        judge.skipped['codec'] = "codec fidelity is measured on real clips: pass --dataset NAME."
+        judge.skipped['codec'] = 'codec fidelity is measured on real clips: pass --dataset NAME.'
     chosen: list[RealClip] | None = None
     first_rate = 0
     for index, source in enumerate(sources):
@@ -522,35 +578,52 @@ def evaluate_models(sources: tp.Sequence[generation.ModelSource], cfg: ReportCon
         if chosen is None:
             first_rate, chosen = rate, _score_real(judge, real, settings, rate, channels, folder, report)
         elif rate != first_rate:
-            raise MetricsError(f"{source.given} generates {rate} Hz audio but {sources[0].given} {first_rate} Hz: "
-                               "compare models of one sample rate in one report.")
-        run_cfg = generation.RunConfig(prompts=prompts, seeds=list(settings.seeds), params=cfg.params,
-                                       out=folder / 'clips' / f'{index + 1:02d}_{audio_io.slugify(source.given, 40)}',
-                                       loudness=settings.loudness, max_batch=settings.max_batch,
-                                       progress=cfg.progress)
+            raise MetricsError(
+                f'{source.given} generates {rate} Hz audio but {sources[0].given} {first_rate} Hz: '
+                'compare models of one sample rate in one report.'
+            )
+        run_cfg = generation.RunConfig(
+            prompts=prompts,
+            seeds=list(settings.seeds),
+            params=cfg.params,
+            out=folder / 'clips' / f'{index + 1:02d}_{audio_io.slugify(source.given, 40)}',
+            loudness=settings.loudness,
+            max_batch=settings.max_batch,
+            progress=cfg.progress,
+        )
         files = generation.run(model, source, run_cfg, device)
         codec = {}
         if 'codec' in settings.metrics and real:
-            codec = metrics.codec_fidelity(model.compression_model,
-                                           [load_audio(c, rate, channels, CODEC_SECONDS) for c in real], rate)
+            codec = metrics.codec_fidelity(
+                model.compression_model, [load_audio(c, rate, channels, CODEC_SECONDS) for c in real], rate
+            )
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         entry = _score_model(judge, files, rate, channels, chosen, folder, report, index)
         entry['metrics'].update(codec)
-        entry.update(label=_model_label(source), given=source.given, kind=source.kind, path=source.path,
-                     weights=source.weights, sig=source.sig, epoch=source.epoch, seconds=round(time.time() - begin, 1),
-                     folder=str(run_cfg.out.relative_to(folder)))
+        entry.update(
+            label=_model_label(source),
+            given=source.given,
+            kind=source.kind,
+            path=source.path,
+            weights=source.weights,
+            sig=source.sig,
+            epoch=source.epoch,
+            seconds=round(time.time() - begin, 1),
+            folder=str(run_cfg.out.relative_to(folder)),
+        )
         report['models'].append(entry)
         report['skipped'].update(entry.pop('skipped'))
     listening.write_report(folder, report)
     return folder
 
 
-def _score_real(judge: Judge, real: list[RealClip], settings: EvalSettings, rate: int, channels: int, folder: Path,
-                report: dict) -> list[RealClip]:
+def _score_real(
+    judge: Judge, real: list[RealClip], settings: EvalSettings, rate: int, channels: int, folder: Path, report: dict
+) -> list[RealClip]:
     """Embed the real set; write the real clip of each prompt (at the comparison loudness) for the listening page."""
-    chosen = real[:settings.references]
+    chosen = real[: settings.references]
     wavs = [load_audio(c, rate, channels, settings.duration) for c in chosen]
     per_clip = judge.set_real(wavs, [c.caption for c in chosen], rate)
     report['real']['metrics'] = dict(judge.real_metrics, n_real=len(chosen))
@@ -562,17 +635,30 @@ def _score_real(judge: Judge, real: list[RealClip], settings: EvalSettings, rate
         if index is None:
             continue
         wav = audio_io.normalize_loudness(wavs[index], rate, settings.loudness)
-        path = audio_io.write_audio(folder / 'real' / f'{audio_io.slugify(prompt, 40)}.wav', wav, rate,
-                                    overwrite=True)
-        rows.append({'prompt': prompt, 'file': str(path.relative_to(folder)), 'source': str(chosen[index].path),
-                     'spectrogram': listening.spectrogram_png(wav, rate, path.with_suffix('.png'), folder),
-                     'clap': per_clip[index]})
+        path = audio_io.write_audio(folder / 'real' / f'{audio_io.slugify(prompt, 40)}.wav', wav, rate, overwrite=True)
+        rows.append(
+            {
+                'prompt': prompt,
+                'file': str(path.relative_to(folder)),
+                'source': str(chosen[index].path),
+                'spectrogram': listening.spectrogram_png(wav, rate, path.with_suffix('.png'), folder),
+                'clap': per_clip[index],
+            }
+        )
     report['real']['clips'] = rows
     return chosen
 
 
-def _score_model(judge: Judge, files: list[Path], rate: int, channels: int, real: list[RealClip], folder: Path,
-                 report: dict, index: int) -> dict:
+def _score_model(
+    judge: Judge,
+    files: list[Path],
+    rate: int,
+    channels: int,
+    real: list[RealClip],
+    folder: Path,
+    report: dict,
+    index: int,
+) -> dict:
     """Read back one model's clips, score them, and add one report row per clip."""
     import soundfile
 
@@ -584,10 +670,16 @@ def _score_model(judge: Judge, files: list[Path], rate: int, channels: int, real
         data, file_rate = soundfile.read(str(path), dtype='float32', always_2d=True)
         wav = torch.from_numpy(data.T.copy())
         wavs.append(wav)
-        rows.append({'model': index, 'prompt': sidecar['prompt'], 'seed': sidecar['seed'],
-                     'file': str(path.relative_to(folder)),
-                     'sidecar': str(path.with_suffix('.json').relative_to(folder)),
-                     'spectrogram': listening.spectrogram_png(wav, file_rate, path.with_suffix('.png'), folder)})
+        rows.append(
+            {
+                'model': index,
+                'prompt': sidecar['prompt'],
+                'seed': sidecar['seed'],
+                'file': str(path.relative_to(folder)),
+                'sidecar': str(path.with_suffix('.json').relative_to(folder)),
+                'spectrogram': listening.spectrogram_png(wav, file_rate, path.with_suffix('.png'), folder),
+            }
+        )
     partners = {c.caption: load_audio(c, rate, channels, judge.settings.duration) for c in reversed(real) if c.caption}
     scores = judge.score([r['prompt'] for r in rows], wavs, rate, [partners.get(r['prompt']) for r in rows])
     per_clip: list[float | None] = list(scores.clip_clap) if scores.clip_clap else [None] * len(rows)

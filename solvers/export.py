@@ -13,6 +13,7 @@ Package layout written (facebook/audiogen-medium's):
   pointer: pointers are materialised.
 - ``export.json``: provenance (XP, weights, epoch, versions). audiocraft ignores it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,9 +93,10 @@ def find_xp(spec: str | os.PathLike) -> Path | None:
         if _has_checkpoint(folder):
             return folder
         raise ExportError(
-            f"No XP with signature {sig}: {folder} {'has no checkpoint' if folder.is_dir() else 'does not exist'}. "
-            f"XPs are looked up under {xps_dir()} (set AUDIOGEN_OUTPUTS to the outputs root of the run, or pass "
-            "the XP folder itself).")
+            f'No XP with signature {sig}: {folder} {"has no checkpoint" if folder.is_dir() else "does not exist"}. '
+            f'XPs are looked up under {xps_dir()} (set AUDIOGEN_OUTPUTS to the outputs root of the run, or pass '
+            'the XP folder itself).'
+        )
     return None
 
 
@@ -107,7 +109,7 @@ def _load_checkpoint(path: Path) -> dict:
     try:
         return load_weights_only(path)
     except Exception as err:
-        raise ExportError(f"Cannot read the checkpoint {path}: {err}") from err
+        raise ExportError(f'Cannot read the checkpoint {path}: {err}') from err
 
 
 def _pick_weights(state: dict, weights: str, path: Path) -> dict:
@@ -122,11 +124,12 @@ def _pick_weights(state: dict, weights: str, path: Path) -> dict:
     else:
         raise ExportError(f"Unknown weights '{weights}': choose one of {', '.join(WEIGHTS)}.")
     if not lm:
-        hint = " (the XP ran without an EMA: optim.ema.use was false)" if weights == 'ema' else ''
+        hint = ' (the XP ran without an EMA: optim.ema.use was false)' if weights == 'ema' else ''
         available = [w for w in WEIGHTS if w != weights and _has_weights(state, w)]
         raise ExportError(
-            f"{path} holds no {weights} weights ({WEIGHT_KEYS[weights]}){hint}. "
-            f"Available: {', '.join(available) or 'none'}; pass --weights with one of them.")
+            f'{path} holds no {weights} weights ({WEIGHT_KEYS[weights]}){hint}. '
+            f'Available: {", ".join(available) or "none"}; pass --weights with one of them.'
+        )
     return dict(lm)
 
 
@@ -183,12 +186,14 @@ def load_xp(spec: str | os.PathLike, weights: str = 'best') -> XPPackage:
     if folder is None:
         raise ExportError(
             f"'{spec}' is not a training XP: expected an XP folder holding checkpoint.th or a Dora signature "
-            f"of a run under {xps_dir()}.")
+            f'of a run under {xps_dir()}.'
+        )
     path = folder / 'checkpoint.th'
     if not path.is_file():
         if weights != 'best':
-            raise ExportError(f"{folder} has only checkpoint_best.th, which holds the best weights only: "
-                              "use --weights best.")
+            raise ExportError(
+                f'{folder} has only checkpoint_best.th, which holds the best weights only: use --weights best.'
+            )
         path = folder / 'checkpoint_best.th'
     state = _load_checkpoint(path)
     if 'xp.cfg' not in state:
@@ -204,18 +209,28 @@ def load_xp(spec: str | os.PathLike, weights: str = 'best') -> XPPackage:
         pkg = package.resolve(pretrained, base_dir=project.resolve_path('.'))
     except package.PackageError as err:
         raise package.PackageError(
-            f"XP {folder.name} was fine-tuned from the package '{pretrained}', which holds its codec: {err}") from err
+            f"XP {folder.name} was fine-tuned from the package '{pretrained}', which holds its codec: {err}"
+        ) from err
     adapter = None
     if OmegaConf.select(xp_cfg, 'adapter.kind', default='none') == 'lora':
         layout = state.get('adapter_layout')
         if not layout:
-            raise ExportError(f"{path} is a LoRA run but holds no 'adapter_layout': it was written by an older "
-                              "version; re-run the XP's command once to rewrite its checkpoint.")
+            raise ExportError(
+                f"{path} is a LoRA run but holds no 'adapter_layout': it was written by an older "
+                "version; re-run the XP's command once to rewrite its checkpoint."
+            )
         adapter = {'adapter_state': lm_state, 'adapter_layout': layout}
         lm_state = adapters.merge_state(package.lm_state(pkg), lm_state, layout)
-    return XPPackage(folder=folder, sig=str(state.get('xp.sig') or folder.name), weights=weights,
-                     epoch=len(state.get('history') or []), package=pkg,
-                     lm_cfg=lm_config_for_package(xp_cfg, pkg), lm_state=lm_state, adapter=adapter)
+    return XPPackage(
+        folder=folder,
+        sig=str(state.get('xp.sig') or folder.name),
+        weights=weights,
+        epoch=len(state.get('history') or []),
+        package=pkg,
+        lm_cfg=lm_config_for_package(xp_cfg, pkg),
+        lm_state=lm_state,
+        adapter=adapter,
+    )
 
 
 def codec_files(pkg: str) -> tuple[str, dict]:
@@ -236,7 +251,8 @@ def codec_files(pkg: str) -> tuple[str, dict]:
             raise ExportError(
                 f"The codec of '{pkg}' is a pointer ({' -> '.join(chain)}) to a model audiocraft loads through HF "
                 "transformers or DAC, which can't be stored as an audiocraft codec. Export needs an audiocraft "
-                "EnCodec package (AudioGen's own 16 kHz codec is one).")
+                "EnCodec package (AudioGen's own 16 kHz codec is one)."
+            )
         if path.is_dir():
             data = package.load_file(str(path), package.COMPRESSION_FILE)
         else:
@@ -247,14 +263,15 @@ def codec_files(pkg: str) -> tuple[str, dict]:
 
 def _check_destination(out: Path, force: bool, protected: tp.Sequence[Path]) -> None:
     if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory.")
+        raise ExportError(f'{out} exists and is not a directory.')
     for other in protected:
         other = other.resolve()
         if out == other or out in other.parents:
-            raise ExportError(f"Refusing to export into {out}: it holds {other}, which the export reads. "
-                              "Choose another OUT_DIR.")
+            raise ExportError(
+                f'Refusing to export into {out}: it holds {other}, which the export reads. Choose another OUT_DIR.'
+            )
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"{out} is not empty. Choose an empty or new OUT_DIR, or pass --force to replace it.")
+        raise ExportError(f'{out} is not empty. Choose an empty or new OUT_DIR, or pass --force to replace it.')
 
 
 def versions() -> dict:
@@ -262,6 +279,7 @@ def versions() -> dict:
     import importlib.metadata
 
     import audiocraft
+
     try:
         ours = importlib.metadata.version('audiogen-finetune')
     except importlib.metadata.PackageNotFoundError:
@@ -269,8 +287,14 @@ def versions() -> dict:
     return {'audiogen_finetune': ours, 'audiocraft': audiocraft.__version__, 'torch': torch.__version__}
 
 
-def export_xp(spec: str | os.PathLike, out_dir: str | os.PathLike, weights: str = 'best', half: bool = False,
-              force: bool = False, merge: bool = False) -> Path:
+def export_xp(
+    spec: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    weights: str = 'best',
+    half: bool = False,
+    force: bool = False,
+    merge: bool = False,
+) -> Path:
     """Write an XP as a package that ``AudioGen.get_pretrained(out_dir)`` and ``scripts/generate.py`` load.
 
     A LoRA XP is written as an adapter-only export (``adapter.bin``: the adapters and the name of their base
@@ -299,18 +323,36 @@ def export_xp(spec: str | os.PathLike, out_dir: str | os.PathLike, weights: str 
     adapter_only = xp.adapter is not None and not merge
 
     def maybe_half(state: dict) -> dict:
-        return {k: v.half() if half and isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                for k, v in state.items()}
-    provenance = {'xp': str(xp.folder), 'sig': xp.sig, 'weights': xp.weights, 'epoch': xp.epoch,
-                  'pretrained': xp.package, 'half': half, 'max_duration': xp.lm_cfg.dataset.segment_duration,
-                  'kind': 'adapter' if adapter_only else 'package', 'versions': versions()}
+        return {
+            k: v.half() if half and isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in state.items()
+        }
+
+    provenance = {
+        'xp': str(xp.folder),
+        'sig': xp.sig,
+        'weights': xp.weights,
+        'epoch': xp.epoch,
+        'pretrained': xp.package,
+        'half': half,
+        'max_duration': xp.lm_cfg.dataset.segment_duration,
+        'kind': 'adapter' if adapter_only else 'package',
+        'versions': versions(),
+    }
     with atomic.open_dir(out) as tmp:
         if adapter_only:
             assert xp.adapter is not None
-            save_torch({'xp.cfg': OmegaConf.to_yaml(xp.lm_cfg), 'base': xp.package,
-                         'adapter_state': maybe_half(xp.adapter['adapter_state']),
-                         'adapter_layout': xp.adapter['adapter_layout'], 'version': versions()['audiocraft'],
-                         'exported': True}, tmp / package.ADAPTER_FILE)
+            save_torch(
+                {
+                    'xp.cfg': OmegaConf.to_yaml(xp.lm_cfg),
+                    'base': xp.package,
+                    'adapter_state': maybe_half(xp.adapter['adapter_state']),
+                    'adapter_layout': xp.adapter['adapter_layout'],
+                    'version': versions()['audiocraft'],
+                    'exported': True,
+                },
+                tmp / package.ADAPTER_FILE,
+            )
         else:
             codec_cfg, codec_state = codec_files(xp.package)
             package.write(tmp, xp.lm_cfg, maybe_half(xp.lm_state), codec_cfg, codec_state)

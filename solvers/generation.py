@@ -18,6 +18,7 @@ Reproducibility (see docs/generate.md):
   (``--seeds 7``) reproduces that seed's file up to float rounding of differently sized batched kernels: bit-exact
   on CPU in our tests; on GPU a last-bit difference can flip one sample and make the clip diverge.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = 'facebook/audiogen-medium'
 FORMATS = ('wav', 'flac', 'mp3', 'ogg')
 DTYPES = ('auto', 'float32', 'float16', 'bfloat16')
-MAX_SEED = 2 ** 63 - 1
+MAX_SEED = 2**63 - 1
 # Uniforms drawn per item and per refill of the sampler's buffer. Part of the reproducibility contract: an item's
 # stream is its generator's successive draws of this size, so changing it changes every sampled clip.
 _UNIFORM_CHUNK = 4096
@@ -97,15 +98,17 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
     """
     spec = str(spec).strip()
     if not spec:
-        raise GenerationError("--model is empty: pass an HF id, a package directory, or an XP signature/folder.")
+        raise GenerationError('--model is empty: pass an HF id, a package directory, or an XP signature/folder.')
     if weights is not None and weights not in export.WEIGHTS:
-        raise GenerationError(f"--weights {weights}: choose one of {', '.join(export.WEIGHTS)}.")
+        raise GenerationError(f'--weights {weights}: choose one of {", ".join(export.WEIGHTS)}.')
     xp_folder = export.find_xp(spec)
     if xp_folder is not None:
         return ModelSource(given=spec, kind='xp', path=str(xp_folder), weights=weights or 'best', sig=xp_folder.name)
     if weights not in (None, 'best'):
-        raise GenerationError(f"--weights {weights} applies to training XPs; '{spec}' is a pretrained package, which "
-                              "holds one set of weights. Drop --weights, or pass the XP's signature or folder.")
+        raise GenerationError(
+            f"--weights {weights} applies to training XPs; '{spec}' is a pretrained package, which "
+            "holds one set of weights. Drop --weights, or pass the XP's signature or folder."
+        )
     path = Path(spec).expanduser()
     if not path.is_dir():
         path = package.local_package(spec) or path  # a bare name, as in `pretrained=tiny`
@@ -115,10 +118,11 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
         return ModelSource(given=spec, kind='hub', path=spec)
     raise GenerationError(
         f"Unknown model '{spec}': it is not a directory (looked for {path.resolve()}), not the signature of an XP "
-        f"under {export.xps_dir()}, not a package under {package.local_packages_dir()}, and not a Hugging Face id "
-        "(owner/name). Pass facebook/audiogen-medium, a "
-        "package directory (state_dict.bin + compression_state_dict.bin, e.g. from scripts/export.py), or an XP "
-        "signature/folder (set AUDIOGEN_OUTPUTS if the run wrote its XPs elsewhere).")
+        f'under {export.xps_dir()}, not a package under {package.local_packages_dir()}, and not a Hugging Face id '
+        '(owner/name). Pass facebook/audiogen-medium, a '
+        'package directory (state_dict.bin + compression_state_dict.bin, e.g. from scripts/export.py), or an XP '
+        'signature/folder (set AUDIOGEN_OUTPUTS if the run wrote its XPs elsewhere).'
+    )
 
 
 def pick_device(device: str = 'auto') -> str:
@@ -126,23 +130,25 @@ def pick_device(device: str = 'auto') -> str:
     if device in (None, '', 'auto'):
         return 'cuda' if torch.cuda.is_available() else 'cpu'
     if device.startswith('cuda') and not torch.cuda.is_available():
-        raise GenerationError(f"--device {device}: no CUDA device is available here. Use --device cpu (or auto).")
+        raise GenerationError(f'--device {device}: no CUDA device is available here. Use --device cpu (or auto).')
     try:
         torch.device(device)
     except RuntimeError as err:
-        raise GenerationError(f"--device {device}: {err}. Use auto, cpu or cuda[:N].") from err
+        raise GenerationError(f'--device {device}: {err}. Use auto, cpu or cuda[:N].') from err
     return device
 
 
 def pick_dtype(dtype: str, device: str) -> str:
     """``auto`` → float32 on CPU, float16 on GPU (what audiocraft's loaders pick); bfloat16/float16 need a GPU."""
     if dtype not in DTYPES:
-        raise GenerationError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}.")
+        raise GenerationError(f'--dtype {dtype}: choose one of {", ".join(DTYPES)}.')
     if dtype == 'auto':
         return 'float32' if str(device) == 'cpu' else 'float16'
     if str(device) == 'cpu' and dtype != 'float32':
-        raise GenerationError(f"--dtype {dtype} needs a GPU: audiocraft generates in float32 on the CPU. "
-                              "Use --dtype float32 (or auto) with --device cpu.")
+        raise GenerationError(
+            f'--dtype {dtype} needs a GPU: audiocraft generates in float32 on the CPU. '
+            'Use --dtype float32 (or auto) with --device cpu.'
+        )
     return dtype
 
 
@@ -185,8 +191,9 @@ def _audiogen_class() -> type:
         decoder: str = 'fast'
         decoder_used: str | None = None
 
-        def _generate_tokens(self, attributes: list, prompt_tokens: torch.Tensor | None,
-                             progress: bool = False) -> torch.Tensor:
+        def _generate_tokens(
+            self, attributes: list, prompt_tokens: torch.Tensor | None, progress: bool = False
+        ) -> torch.Tensor:
             with fastgen.decoding(self.lm, self.decoder) as used:
                 self.decoder_used = used
                 return super()._generate_tokens(attributes, prompt_tokens, progress)
@@ -200,7 +207,7 @@ def _audiogen_class() -> type:
 def build_audiogen(name: str, compression_model: tp.Any, lm: tp.Any, decoder: str = 'fast'):
     """Our ``AudioGen`` (clip-wise codec decoding, ``decoder`` for the LM) around a codec and an LM with ``lm.cfg``."""
     if decoder not in fastgen.DECODERS:
-        raise GenerationError(f"--decoder {decoder}: choose one of {', '.join(fastgen.DECODERS)}.")
+        raise GenerationError(f'--decoder {decoder}: choose one of {", ".join(fastgen.DECODERS)}.')
     model = _audiogen_class()(name, compression_model, lm)
     model.decoder = decoder
     return model
@@ -235,12 +242,14 @@ def load_model(source: ModelSource, device: str = 'cpu', decoder: str = 'fast', 
     if window <= 2:
         raise GenerationError(
             f"{source.given}: its generation window dataset.segment_duration={window:g} s is too short; audiocraft's "
-            "AudioGen needs more than 2 s (its default extend_stride). Re-export the model with a longer window.")
+            'AudioGen needs more than 2 s (its default extend_stride). Re-export the model with a longer window.'
+        )
     if decoder not in fastgen.DECODERS:
-        raise GenerationError(f"--decoder {decoder}: choose one of {', '.join(fastgen.DECODERS)}.")
+        raise GenerationError(f'--decoder {decoder}: choose one of {", ".join(fastgen.DECODERS)}.')
     if decoder == 'graph' and not str(device).startswith('cuda'):
-        raise GenerationError("--decoder graph captures CUDA graphs and needs --device cuda; on the CPU use "
-                              "--decoder fast (the default).")
+        raise GenerationError(
+            '--decoder graph captures CUDA graphs and needs --device cuda; on the CPU use --decoder fast (the default).'
+        )
     dtype = pick_dtype(dtype, device)
     compression_model = package.load_compression_model(pkg, device)
     lm = build_lm(cfg, state, device, dtype)
@@ -250,8 +259,10 @@ def load_model(source: ModelSource, device: str = 'cpu', decoder: str = 'fast', 
     if dtype != 'float16' and str(device) != 'cpu':
         # audiocraft's GenModel always autocasts to float16 on GPU; follow the weights' dtype (none for float32).
         from audiocraft.utils.autocast import TorchAutocast
-        model.autocast = TorchAutocast(enabled=dtype != 'float32', device_type=torch.device(device).type,
-                                       dtype=getattr(torch, dtype))
+
+        model.autocast = TorchAutocast(
+            enabled=dtype != 'float32', device_type=torch.device(device).type, dtype=getattr(torch, dtype)
+        )
     return model
 
 
@@ -274,12 +285,14 @@ class PerItemSampler:
 
     def __enter__(self) -> PerItemSampler:
         from audiocraft.utils import utils
+
         self._original = utils.multinomial
         utils.multinomial = self.multinomial
         return self
 
     def __exit__(self, *exc: tp.Any) -> None:
         from audiocraft.utils import utils
+
         utils.multinomial = self._original  # type: ignore[assignment]
 
     def uniforms(self, count: int, device: torch.device | str = 'cpu') -> torch.Tensor:
@@ -296,8 +309,14 @@ class PerItemSampler:
         out, self.buffer = self.buffer[:, :count], self.buffer[:, count:]
         return out
 
-    def multinomial(self, input: torch.Tensor, num_samples: int, replacement: bool = False, *,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+    def multinomial(
+        self,
+        input: torch.Tensor,
+        num_samples: int,
+        replacement: bool = False,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Same contract as ``audiocraft.utils.utils.multinomial`` for one sample per distribution."""
         batch = len(self.generators)
         if num_samples != 1 or generator is not None or input.dim() < 2 or input.shape[0] != batch:
@@ -337,36 +356,51 @@ class GenerationParams:
     def check(self) -> None:
         """Raise GenerationError naming the first bad value."""
         if not (math.isfinite(self.duration) and self.duration > 0):
-            raise GenerationError(f"--duration must be a positive number of seconds, got {self.duration}.")
+            raise GenerationError(f'--duration must be a positive number of seconds, got {self.duration}.')
         if self.top_k < 0:
-            raise GenerationError(f"--top_k must be >= 0 (0 disables top-k), got {self.top_k}.")
+            raise GenerationError(f'--top_k must be >= 0 (0 disables top-k), got {self.top_k}.')
         if not 0.0 <= self.top_p <= 1.0:
-            raise GenerationError(f"--top_p must be within [0, 1] (0 disables nucleus sampling), got {self.top_p}.")
+            raise GenerationError(f'--top_p must be within [0, 1] (0 disables nucleus sampling), got {self.top_p}.')
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise GenerationError(f"--temperature must be >= 0 (0 is greedy decoding), got {self.temperature}.")
+            raise GenerationError(f'--temperature must be >= 0 (0 is greedy decoding), got {self.temperature}.')
         if not math.isfinite(self.cfg_coef):
-            raise GenerationError(f"--cfg_coef must be a finite number, got {self.cfg_coef}.")
+            raise GenerationError(f'--cfg_coef must be a finite number, got {self.cfg_coef}.')
         if self.extend_stride is not None and not (math.isfinite(self.extend_stride) and self.extend_stride > 0):
-            raise GenerationError(f"--extend-stride must be a positive number of seconds, got {self.extend_stride}.")
+            raise GenerationError(f'--extend-stride must be a positive number of seconds, got {self.extend_stride}.')
 
     def stride_for(self, max_duration: float) -> float:
         """The sliding-window stride for a model whose window is ``max_duration`` seconds."""
         if self.extend_stride is None:
             return min(2.0, max_duration / 2)
         if self.extend_stride >= max_duration:
-            raise GenerationError(f"--extend-stride {self.extend_stride} must be shorter than the model's "
-                                  f"{max_duration:g} s window.")
+            raise GenerationError(
+                f"--extend-stride {self.extend_stride} must be shorter than the model's {max_duration:g} s window."
+            )
         return self.extend_stride
 
     def apply(self, model) -> dict:
         """Set the parameters on an ``AudioGen``; return them as recorded in sidecars."""
         stride = self.stride_for(model.max_duration)
-        model.set_generation_params(use_sampling=True, top_k=self.top_k, top_p=self.top_p,
-                                    temperature=self.temperature, duration=self.duration, cfg_coef=self.cfg_coef,
-                                    extend_stride=stride)
-        return {'duration': self.duration, 'top_k': self.top_k, 'top_p': self.top_p, 'temperature': self.temperature,
-                'cfg_coef': self.cfg_coef, 'use_sampling': self.temperature > 0, 'extend_stride': stride,
-                'max_duration': float(model.max_duration), 'two_step_cfg': False}
+        model.set_generation_params(
+            use_sampling=True,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            temperature=self.temperature,
+            duration=self.duration,
+            cfg_coef=self.cfg_coef,
+            extend_stride=stride,
+        )
+        return {
+            'duration': self.duration,
+            'top_k': self.top_k,
+            'top_p': self.top_p,
+            'temperature': self.temperature,
+            'cfg_coef': self.cfg_coef,
+            'use_sampling': self.temperature > 0,
+            'extend_stride': stride,
+            'max_duration': float(model.max_duration),
+            'two_step_cfg': False,
+        }
 
 
 @dataclasses.dataclass
@@ -386,9 +420,9 @@ def check_prompts(prompts: tp.Sequence[str]) -> list[str]:
     for i, prompt in enumerate(prompts, 1):
         text = str(prompt).strip()
         if not text:
-            raise GenerationError(f"Prompt {i} of {len(prompts)} is empty or whitespace: give every prompt some text.")
+            raise GenerationError(f'Prompt {i} of {len(prompts)} is empty or whitespace: give every prompt some text.')
         if text in kept:
-            logger.warning("Prompt %r is given twice: generating it once.", text)
+            logger.warning('Prompt %r is given twice: generating it once.', text)
             continue
         kept.append(text)
     return kept
@@ -400,15 +434,15 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
     try:
         text = path.read_text(encoding='utf-8')
     except FileNotFoundError as err:
-        raise GenerationError(f"--prompts-file {path}: no such file.") from err
+        raise GenerationError(f'--prompts-file {path}: no such file.') from err
     except UnicodeDecodeError as err:
-        raise GenerationError(f"--prompts-file {path} is not UTF-8 text ({err}); save it as UTF-8.") from err
+        raise GenerationError(f'--prompts-file {path} is not UTF-8 text ({err}); save it as UTF-8.') from err
     except OSError as err:
-        raise GenerationError(f"--prompts-file {path}: {err}") from err
+        raise GenerationError(f'--prompts-file {path}: {err}') from err
     prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith('#')]
     if not prompts:
-        raise GenerationError(f"--prompts-file {path} holds no prompt (only blank lines or # comments).")
+        raise GenerationError(f'--prompts-file {path} holds no prompt (only blank lines or # comments).')
     return prompts
 
 
@@ -421,14 +455,14 @@ def make_seeds(batch_size: int = 25, seed: int = 0, seeds: tp.Sequence[int] | No
     if seeds:
         chosen = [int(s) for s in seeds]
         if len(set(chosen)) != len(chosen):
-            raise GenerationError(f"--seeds lists a seed twice: {chosen}.")
+            raise GenerationError(f'--seeds lists a seed twice: {chosen}.')
     else:
         if batch_size < 1:
-            raise GenerationError(f"--batch_size must be >= 1 (variations per prompt), got {batch_size}.")
+            raise GenerationError(f'--batch_size must be >= 1 (variations per prompt), got {batch_size}.')
         chosen = [seed + i for i in range(batch_size)]
     bad = [s for s in chosen if not 0 <= s <= MAX_SEED]
     if bad:
-        raise GenerationError(f"Seeds must be within [0, 2**63 - 1]; got {bad[0]}.")
+        raise GenerationError(f'Seeds must be within [0, 2**63 - 1]; got {bad[0]}.')
     return chosen
 
 
@@ -446,11 +480,13 @@ def conditioning_shape(model, prompt: str) -> tuple:
         if isinstance(value, (list, tuple)):
             return tuple(shapes(v) for v in value)
         return None
+
     return shapes(tokens)
 
 
-def plan_batches(items: tp.Sequence[Item], max_batch: int,
-                 key: tp.Callable[[str], tp.Hashable] = lambda prompt: 0) -> list[list[Item]]:
+def plan_batches(
+    items: tp.Sequence[Item], max_batch: int, key: tp.Callable[[str], tp.Hashable] = lambda prompt: 0
+) -> list[list[Item]]:
     """Split items into batches of at most ``max_batch``; a batch only mixes prompts with the same ``key``.
 
     Items keep their order within a key; keys come in order of first appearance. The plan is a function of the
@@ -462,11 +498,12 @@ def plan_batches(items: tp.Sequence[Item], max_batch: int,
         if item.prompt not in cache:
             cache[item.prompt] = key(item.prompt)
         groups.setdefault(cache[item.prompt], []).append(item)
-    return [group[i:i + max_batch] for group in groups.values() for i in range(0, len(group), max_batch)]
+    return [group[i : i + max_batch] for group in groups.values() for i in range(0, len(group), max_batch)]
 
 
-def generate_batch(model, prompts: tp.Sequence[str], seeds: tp.Sequence[int],
-                   progress: tp.Callable[[int, int], None] | None = None) -> torch.Tensor:
+def generate_batch(
+    model, prompts: tp.Sequence[str], seeds: tp.Sequence[int], progress: tp.Callable[[int, int], None] | None = None
+) -> torch.Tensor:
     """``AudioGen.generate`` with per-item seeded sampling; returns float32 audio [B, C, T] on the CPU."""
     model.set_custom_progress_callback(progress)
     try:
@@ -494,24 +531,53 @@ def allocate_folder(root: Path, prompt: str, stamp: str) -> Path:
             return folder
         except FileExistsError:
             continue
-    raise GenerationError(f"Too many runs named {stamp} in {parent}.")
+    raise GenerationError(f'Too many runs named {stamp} in {parent}.')
 
 
 def _finite(value: float) -> float | None:
     return round(value, 3) if math.isfinite(value) else None
 
 
-def reproduce_command(item: Item, source: ModelSource, params: dict, fmt: str, target_lufs: float,
-                      device: str, decoder: str = 'fast', dtype: str = 'auto') -> str:
+def reproduce_command(
+    item: Item,
+    source: ModelSource,
+    params: dict,
+    fmt: str,
+    target_lufs: float,
+    device: str,
+    decoder: str = 'fast',
+    dtype: str = 'auto',
+) -> str:
     """The CLI line that regenerates exactly this item's file (into a new timestamp folder)."""
     args = ['audiogen-generate', item.prompt, '--model', source.cli_reference()]
     if source.kind == 'xp':
         args += ['--weights', source.weights or 'best']
-    args += ['--seeds', str(item.seed), '--duration', f"{params['duration']:g}", '--top_k', str(params['top_k']),
-             '--top_p', f"{params['top_p']:g}", '--temperature', f"{params['temperature']:g}",
-             '--cfg_coef', f"{params['cfg_coef']:g}", '--extend-stride', f"{params['extend_stride']:g}",
-             '--loudness', f'{target_lufs:g}', '--format', fmt, '--device', device, '--decoder', decoder,
-             '--dtype', dtype]
+    args += [
+        '--seeds',
+        str(item.seed),
+        '--duration',
+        f'{params["duration"]:g}',
+        '--top_k',
+        str(params['top_k']),
+        '--top_p',
+        f'{params["top_p"]:g}',
+        '--temperature',
+        f'{params["temperature"]:g}',
+        '--cfg_coef',
+        f'{params["cfg_coef"]:g}',
+        '--extend-stride',
+        f'{params["extend_stride"]:g}',
+        '--loudness',
+        f'{target_lufs:g}',
+        '--format',
+        fmt,
+        '--device',
+        device,
+        '--decoder',
+        decoder,
+        '--dtype',
+        dtype,
+    ]
     return shlex.join(args)
 
 
@@ -543,16 +609,16 @@ class RunConfig:
         """Validate everything that doesn't need the model; raise GenerationError."""
         self.prompts = check_prompts(self.prompts)
         if not self.seeds:
-            raise GenerationError("No seed to generate: --batch_size must be >= 1 or --seeds must list seeds.")
+            raise GenerationError('No seed to generate: --batch_size must be >= 1 or --seeds must list seeds.')
         self.params.check()
         if self.fmt not in FORMATS:
-            raise GenerationError(f"--format {self.fmt}: choose one of {', '.join(FORMATS)}.")
+            raise GenerationError(f'--format {self.fmt}: choose one of {", ".join(FORMATS)}.')
         if not (math.isfinite(self.loudness) and -70 < self.loudness < 0):
-            raise GenerationError(f"--loudness must be a target in LUFS between -70 and 0, got {self.loudness}.")
+            raise GenerationError(f'--loudness must be a target in LUFS between -70 and 0, got {self.loudness}.')
         if self.max_batch < 1:
-            raise GenerationError(f"--max-batch must be >= 1, got {self.max_batch}.")
+            raise GenerationError(f'--max-batch must be >= 1, got {self.max_batch}.')
         if self.out.exists() and not self.out.is_dir():
-            raise GenerationError(f"--out {self.out} exists and is not a directory.")
+            raise GenerationError(f'--out {self.out} exists and is not a directory.')
 
 
 def run(model, source: ModelSource, cfg: RunConfig, device: str) -> list[Path]:
@@ -585,11 +651,21 @@ def run(model, source: ModelSource, cfg: RunConfig, device: str) -> list[Path]:
         item.folder = folders[item.prompt]
     decoder = fastgen.effective_decoder(model.lm, getattr(model, 'decoder', 'stock'))
     common = {
-        'model': source.given, 'model_kind': source.kind, 'model_path': source.path, 'weights': source.weights,
-        'xp_sig': source.sig, 'xp_epoch': source.epoch, 'pretrained': source.package,
-        'params': params, 'target_lufs': cfg.loudness, 'format': cfg.fmt, 'device': device,
-        'decoder': decoder, 'dtype': str(next(iter(model.lm.parameters())).dtype).removeprefix('torch.'),
-        'max_batch': cfg.max_batch, 'versions': versions(),
+        'model': source.given,
+        'model_kind': source.kind,
+        'model_path': source.path,
+        'weights': source.weights,
+        'xp_sig': source.sig,
+        'xp_epoch': source.epoch,
+        'pretrained': source.package,
+        'params': params,
+        'target_lufs': cfg.loudness,
+        'format': cfg.fmt,
+        'device': device,
+        'decoder': decoder,
+        'dtype': str(next(iter(model.lm.parameters())).dtype).removeprefix('torch.'),
+        'max_batch': cfg.max_batch,
+        'versions': versions(),
     }
     writer = _Writer(model.sample_rate, cfg, source, params, common, device)
     # A live bar on a terminal; in a log file (SLURM, a pipe) one line per batch instead of carriage returns.
@@ -606,15 +682,13 @@ def run(model, source: ModelSource, cfg: RunConfig, device: str) -> list[Path]:
     try:
         for n, batch in enumerate(batches, 1):
             begin = time.perf_counter()
-            audio = generate_batch(model, [i.prompt for i in batch], [i.seed for i in batch],
-                                   on_step if live else None)
+            audio = generate_batch(model, [i.prompt for i in batch], [i.seed for i in batch], on_step if live else None)
             bar.update(writer.collect())  # the previous batch's files: complete (or its error raised) first
             seconds = time.perf_counter() - begin
             writer.submit(batch, audio, seconds / len(batch))
             if cfg.progress and not live:
-                clips = f"{len(batch)} clip{'s' * (len(batch) != 1)}"
-                print(f"generating: batch {n}/{len(batches)} ({clips}) in {seconds:.1f} s", file=sys.stderr,
-                      flush=True)
+                clips = f'{len(batch)} clip{"s" * (len(batch) != 1)}'
+                print(f'generating: batch {n}/{len(batches)} ({clips}) in {seconds:.1f} s', file=sys.stderr, flush=True)
         bar.update(writer.collect())
     except BaseException:
         writer.stop()
@@ -631,8 +705,7 @@ def run(model, source: ModelSource, cfg: RunConfig, device: str) -> list[Path]:
 class _Writer:
     """One background thread that writes a batch's clips and sidecars while the next batch generates."""
 
-    def __init__(self, sample_rate: int, cfg: RunConfig, source: ModelSource, params: dict, common: dict,
-                 device: str):
+    def __init__(self, sample_rate: int, cfg: RunConfig, source: ModelSource, params: dict, common: dict, device: str):
         self.args = (sample_rate, cfg, source, params, common)
         self.device = device
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='audiogen-writer')
@@ -675,21 +748,36 @@ class _Writer:
         return paths
 
 
-def _write_item(item: Item, wav: torch.Tensor, sample_rate: int, cfg: RunConfig, source: ModelSource,
-                params: dict, common: dict, seconds: float, device: str) -> Path:
+def _write_item(
+    item: Item,
+    wav: torch.Tensor,
+    sample_rate: int,
+    cfg: RunConfig,
+    source: ModelSource,
+    params: dict,
+    common: dict,
+    seconds: float,
+    device: str,
+) -> Path:
     assert item.folder is not None
     wav = audio_io.normalize_loudness(wav, sample_rate, cfg.loudness)
     path = audio_io.write_audio(item.folder / f'{item.seed}.{cfg.fmt}', wav, sample_rate, fmt=cfg.fmt)
     peak = float(wav.abs().max())
     sidecar = {
-        'prompt': item.prompt, 'seed': item.seed, 'file': path.name, **common,
-        'duration': wav.shape[-1] / sample_rate, 'sample_rate': sample_rate, 'channels': wav.shape[0],
+        'prompt': item.prompt,
+        'seed': item.seed,
+        'file': path.name,
+        **common,
+        'duration': wav.shape[-1] / sample_rate,
+        'sample_rate': sample_rate,
+        'channels': wav.shape[0],
         'lufs': _finite(audio_io.loudness(wav, sample_rate)),
         'peak_dbfs': _finite(20 * math.log10(peak)) if peak > 0 else None,
         'generation_seconds': round(seconds, 4),
         'created': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-        'reproduce': reproduce_command(item, source, params, cfg.fmt, cfg.loudness, device, common['decoder'],
-                                       common['dtype']),
+        'reproduce': reproduce_command(
+            item, source, params, cfg.fmt, cfg.loudness, device, common['decoder'], common['dtype']
+        ),
     }
     try:
         atomic.write_json(item.folder / f'{item.seed}.json', sidecar, overwrite=False)

@@ -4,6 +4,7 @@
 one row per prompt and one column per model (plus the real clip of that caption when a dataset was given), each
 cell holding every seed's spectrogram, audio player and CLAP score.
 """
+
 from __future__ import annotations
 
 import html
@@ -20,18 +21,31 @@ from .metrics import HIGHER_IS_BETTER
 
 # The table's columns, in order, with their headers; a column shows only when some model has the score.
 COLUMNS = {
-    'clap': 'CLAP', 'kad': 'KAD', 'fad': 'FAD', 'kld': 'PaSST KL', 'codec_pesq': 'codec PESQ',
-    'codec_stoi': 'codec STOI', 'codec_sisdr': 'codec SI-SDR dB', 'codec_mel': 'codec mel dist.',
+    'clap': 'CLAP',
+    'kad': 'KAD',
+    'fad': 'FAD',
+    'kld': 'PaSST KL',
+    'codec_pesq': 'codec PESQ',
+    'codec_stoi': 'codec STOI',
+    'codec_sisdr': 'codec SI-SDR dB',
+    'codec_mel': 'codec mel dist.',
 }
 FAD_MIN_CLIPS = 100  # below this many clips on either side, FAD's bias dominates differences between models
 # A magma-like colour ramp: silence is near-black, the loudest bins pale yellow.
-_RAMP = np.array([(0, 0, 4), (59, 15, 112), (140, 41, 129), (222, 73, 104), (254, 159, 109), (252, 253, 191)],
-                 dtype=np.float64)
+_RAMP = np.array(
+    [(0, 0, 4), (59, 15, 112), (140, 41, 129), (222, 73, 104), (254, 159, 109), (252, 253, 191)], dtype=np.float64
+)
 
 
 # ---------------------------------------------------------------------------------------------------- spectrograms
-def spectrogram_image(wav: torch.Tensor | np.ndarray, sample_rate: int, width: int = 320, height: int = 120,
-                      n_fft: int = 512, top_db: float = 80.0) -> tp.Any:
+def spectrogram_image(
+    wav: torch.Tensor | np.ndarray,
+    sample_rate: int,
+    width: int = 320,
+    height: int = 120,
+    n_fft: int = 512,
+    top_db: float = 80.0,
+) -> tp.Any:
     """A log-magnitude STFT of a [C, T] or [T] clip as a PIL RGB image, low frequencies at the bottom.
 
     Args:
@@ -93,56 +107,84 @@ def _arrow(key: str) -> str:
 
 def notes(report: dict) -> list[str]:
     """Plain-language caveats for the numbers: skipped scores, small sets, the meaning of the real-clip row."""
-    out = [f"{key}: {reason}" for key, reason in sorted(report['skipped'].items())]
+    out = [f'{key}: {reason}' for key, reason in sorted(report['skipped'].items())]
     real = report['real']['metrics']
     n_real = real.get('n_real', 0)
     n_gen = len(report['prompts']) * len(report['seeds'])
     if any('fad' in m['metrics'] for m in report['models']) and min(n_real, n_gen) < FAD_MIN_CLIPS:
-        out.append(f"FAD from {n_gen} generated and {n_real} real clips is dominated by its small-sample bias: "
-                   "compare it only between models scored on the same clips, and prefer KAD.")
+        out.append(
+            f'FAD from {n_gen} generated and {n_real} real clips is dominated by its small-sample bias: '
+            'compare it only between models scored on the same clips, and prefer KAD.'
+        )
     if 'clap_real' in real:
-        out.append(f"The real clips score CLAP {real['clap_real']:.3f} with their own captions: the level a model "
-                   "that sounds like your data reaches with this CLAP.")
+        out.append(
+            f'The real clips score CLAP {real["clap_real"]:.3f} with their own captions: the level a model '
+            'that sounds like your data reaches with this CLAP.'
+        )
     if any('codec_pesq' in m['metrics'] for m in report['models']):
-        out.append("codec scores compare real clips with the codec's reconstruction of them: the ceiling of any "
-                   "fine-tune (PESQ and STOI model speech; on other sounds read them as rough guides).")
+        out.append(
+            "codec scores compare real clips with the codec's reconstruction of them: the ceiling of any "
+            'fine-tune (PESQ and STOI model speech; on other sounds read them as rough guides).'
+        )
     return out
 
 
 def markdown(report: dict) -> str:
     """summary.md: the metric table, the per-prompt CLAP table, caveats, and where the clips are."""
     cols = _columns(report)
-    lines = ['# Evaluation report', '',
-             f"{report['created']} · {len(report['prompts'])} prompts × {len(report['seeds'])} seeds "
-             f"({', '.join(map(str, report['seeds']))}) · {report['params']['duration']:g} s · "
-             f"CLAP {report['clap_model'] or 'none'} · real set: {report['dataset'] or 'none'}", '',
-             '| model | ' + ' | '.join(f'{COLUMNS[c]} {_arrow(c)}' for c in cols) + ' | clips |',
-             '|---|' + '---:|' * (len(cols) + 1)]
+    lines = [
+        '# Evaluation report',
+        '',
+        f'{report["created"]} · {len(report["prompts"])} prompts × {len(report["seeds"])} seeds '
+        f'({", ".join(map(str, report["seeds"]))}) · {report["params"]["duration"]:g} s · '
+        f'CLAP {report["clap_model"] or "none"} · real set: {report["dataset"] or "none"}',
+        '',
+        '| model | ' + ' | '.join(f'{COLUMNS[c]} {_arrow(c)}' for c in cols) + ' | clips |',
+        '|---|' + '---:|' * (len(cols) + 1),
+    ]
     for model in report['models']:
         cells = []
         for key in cols:
             value = model['metrics'].get(key)
             text = _fmt(value)
             cells.append(f'**{text}**' if value is not None and value == _best(report, key) else text)
-        lines.append(f"| {model['label']} | " + ' | '.join(cells) + f" | {model['n_clips']} |")
+        lines.append(f'| {model["label"]} | ' + ' | '.join(cells) + f' | {model["n_clips"]} |')
     real = report['real']['metrics']
     if 'clap_real' in real:
-        lines.append('| real clips (valid) | ' + ' | '.join(_fmt(real['clap_real']) if c == 'clap' else '—'
-                                                        for c in cols) + f" | {real.get('n_real', 0)} |")
+        lines.append(
+            '| real clips (valid) | '
+            + ' | '.join(_fmt(real['clap_real']) if c == 'clap' else '—' for c in cols)
+            + f' | {real.get("n_real", 0)} |'
+        )
     by_prompt = _clap_by_prompt(report)
     if by_prompt:
-        lines += ['', '## CLAP score per prompt (mean over seeds)', '',
-                  '| prompt | ' + ' | '.join(m['label'] for m in report['models']) + ' |',
-                  '|---|' + '---:|' * len(report['models'])]
+        lines += [
+            '',
+            '## CLAP score per prompt (mean over seeds)',
+            '',
+            '| prompt | ' + ' | '.join(m['label'] for m in report['models']) + ' |',
+            '|---|' + '---:|' * len(report['models']),
+        ]
         for prompt in report['prompts']:
-            lines.append(f'| {prompt} | ' + ' | '.join(_fmt(by_prompt.get((prompt, i)))
-                                                      for i in range(len(report['models']))) + ' |')
+            lines.append(
+                f'| {prompt} | '
+                + ' | '.join(_fmt(by_prompt.get((prompt, i))) for i in range(len(report['models'])))
+                + ' |'
+            )
     caveats = notes(report)
     if caveats:
         lines += ['', '## Notes', ''] + [f'- {n}' for n in caveats]
-    lines += ['', '## Files', '', '- `index.html`: the listening page', '- `report.json`: every number above, per clip',
-              *[f"- `{m['folder']}/`: clips of {m['label']} (with the JSON sidecars of scripts/generate.py)"
-                for m in report['models']]]
+    lines += [
+        '',
+        '## Files',
+        '',
+        '- `index.html`: the listening page',
+        '- `report.json`: every number above, per clip',
+        *[
+            f'- `{m["folder"]}/`: clips of {m["label"]} (with the JSON sidecars of scripts/generate.py)'
+            for m in report['models']
+        ],
+    ]
     return '\n'.join(lines) + '\n'
 
 
@@ -173,10 +215,12 @@ def _url(path: str) -> str:
 
 
 def _figure(clip: dict, caption: str) -> str:
-    score = '' if clip.get('clap') is None else f" · CLAP {clip['clap']:.3f}"
-    return (f'<figure><img src="{_url(clip["spectrogram"])}" alt="spectrogram" loading="lazy">'
-            f'<audio controls preload="none" src="{_url(clip["file"])}"></audio>'
-            f'<figcaption>{html.escape(caption)}{score}</figcaption></figure>')
+    score = '' if clip.get('clap') is None else f' · CLAP {clip["clap"]:.3f}'
+    return (
+        f'<figure><img src="{_url(clip["spectrogram"])}" alt="spectrogram" loading="lazy">'
+        f'<audio controls preload="none" src="{_url(clip["file"])}"></audio>'
+        f'<figcaption>{html.escape(caption)}{score}</figcaption></figure>'
+    )
 
 
 def page(report: dict) -> str:
@@ -195,11 +239,15 @@ def page(report: dict) -> str:
     real = report['real']
     if 'clap_real' in real['metrics']:
         real_cells = ''.join(f'<td>{_fmt(real["metrics"]["clap_real"]) if c == "clap" else "—"}</td>' for c in cols)
-        rows.append(f'<tr><td class="name">real clips (valid)</td>{real_cells}<td>{real["metrics"]["n_real"]}</td>'
-                    '</tr>')
+        rows.append(
+            f'<tr><td class="name">real clips (valid)</td>{real_cells}<td>{real["metrics"]["n_real"]}</td></tr>'
+        )
     real_by_prompt = {c['prompt']: c for c in real['clips']}
-    grid_head = '<th>prompt</th>' + ('<th>real clip</th>' if real_by_prompt else '') + ''.join(
-        f'<th>{esc(m["label"])}</th>' for m in report['models'])
+    grid_head = (
+        '<th>prompt</th>'
+        + ('<th>real clip</th>' if real_by_prompt else '')
+        + ''.join(f'<th>{esc(m["label"])}</th>' for m in report['models'])
+    )
     grid = []
     for prompt in report['prompts']:
         cells = [f'<td class="prompt">{esc(prompt)}</td>']
@@ -208,23 +256,29 @@ def page(report: dict) -> str:
             cells.append(f'<td>{_figure(clip, "valid clip") if clip else "—"}</td>')
         for index in range(len(report['models'])):
             clips = [c for c in report['clips'] if c['model'] == index and c['prompt'] == prompt]
-            cells.append('<td>' + ''.join(_figure(c, f"seed {c['seed']}") for c in clips) + '</td>')
+            cells.append('<td>' + ''.join(_figure(c, f'seed {c["seed"]}') for c in clips) + '</td>')
         grid.append(f'<tr>{"".join(cells)}</tr>')
-    meta = (f"{esc(report['created'])} · {len(report['prompts'])} prompts × {len(report['seeds'])} seeds · "
-            f"{report['params']['duration']:g} s · CLAP {esc(str(report['clap_model'] or 'none'))} · real set: "
-            f"{esc(str(report['dataset'] or 'none'))}")
+    meta = (
+        f'{esc(report["created"])} · {len(report["prompts"])} prompts × {len(report["seeds"])} seeds · '
+        f'{report["params"]["duration"]:g} s · CLAP {esc(str(report["clap_model"] or "none"))} · real set: '
+        f'{esc(str(report["dataset"] or "none"))}'
+    )
     caveats = ''.join(f'<li>{esc(n)}</li>' for n in notes(report))
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Evaluation report</title>'
-            f'<style>{_CSS}</style></head><body>\n<h1>Evaluation report</h1><p class="meta">{meta}</p>\n'
-            f'<table class="metrics" id="metrics"><thead><tr><th>model</th>{head}<th>clips</th></tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table>\n<ul class="notes">{caveats}</ul>\n'
-            f'<table class="clips" id="clips"><thead><tr>{grid_head}</tr></thead><tbody>{"".join(grid)}</tbody>'
-            '</table>\n</body></html>\n')
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Evaluation report</title>'
+        f'<style>{_CSS}</style></head><body>\n<h1>Evaluation report</h1><p class="meta">{meta}</p>\n'
+        f'<table class="metrics" id="metrics"><thead><tr><th>model</th>{head}<th>clips</th></tr></thead>'
+        f'<tbody>{"".join(rows)}</tbody></table>\n<ul class="notes">{caveats}</ul>\n'
+        f'<table class="clips" id="clips"><thead><tr>{grid_head}</tr></thead><tbody>{"".join(grid)}</tbody>'
+        '</table>\n</body></html>\n'
+    )
 
 
 def write_report(folder: Path, report: dict) -> None:
     """Write report.json, summary.md and index.html into ``folder``."""
-    atomic.write_bytes(folder / 'report.json', (json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False)
-                                          + '\n').encode('utf-8'))
+    atomic.write_bytes(
+        folder / 'report.json',
+        (json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + '\n').encode('utf-8'),
+    )
     atomic.write_bytes(folder / 'summary.md', markdown(report).encode('utf-8'))
     atomic.write_bytes(folder / 'index.html', page(report).encode('utf-8'))

@@ -5,6 +5,7 @@ two failures reach a user today: an uncached model raises a transformers OSError
 cache holding the weights but not the tokenizer files (spiece.model / tokenizer.json) makes transformers 5 build an
 empty tokenizer, so every word becomes ``<unk>`` and the model silently ignores the text. Both become one sentence.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,11 +34,13 @@ def t5_names(cfg: DictConfig) -> list[str]:
 
 def fetch_hint(name: str) -> str:
     """How to put a T5 model in the Hugging Face cache."""
-    return (f"On a machine with internet run once: python -c \"from transformers import T5EncoderModel, "
-            f"T5Tokenizer; T5Tokenizer.from_pretrained('{name}'); T5EncoderModel.from_pretrained('{name}')\", then "
-            f"copy the cache (~/.cache/huggingface, or $HF_HOME) to this machine. It is read from "
-            f"{os.environ.get('HF_HOME', '~/.cache/huggingface')} (HF_HUB_OFFLINE="
-            f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}).")
+    return (
+        f'On a machine with internet run once: python -c "from transformers import T5EncoderModel, '
+        f"T5Tokenizer; T5Tokenizer.from_pretrained('{name}'); T5EncoderModel.from_pretrained('{name}')\", then "
+        f'copy the cache (~/.cache/huggingface, or $HF_HOME) to this machine. It is read from '
+        f'{os.environ.get("HF_HOME", "~/.cache/huggingface")} (HF_HUB_OFFLINE='
+        f'{os.environ.get("HF_HUB_OFFLINE", "unset")}).'
+    )
 
 
 def build_lm_model(cfg: DictConfig) -> tp.Any:
@@ -56,7 +59,8 @@ def build_lm_model(cfg: DictConfig) -> tp.Any:
             raise
         raise TextEncoderError(
             f"The text encoder {', '.join(names)} of this model is not in the Hugging Face cache and the hub can't "
-            f"be reached ({str(err).strip().splitlines()[0]}). {fetch_hint(names[0])}") from None
+            f'be reached ({str(err).strip().splitlines()[0]}). {fetch_hint(names[0])}'
+        ) from None
     check_text_conditioners(lm)
     return lm
 
@@ -73,6 +77,7 @@ def check_text_conditioners(lm: tp.Any) -> None:
         unknown = sum(1 for i in ids if i == tokenizer.unk_token_id)
         if not ids or unknown * 2 >= len(ids):
             raise TextEncoderError(
-                f"The tokenizer of the text encoder {conditioner.name} maps ordinary words to <unk> ({unknown} of "
+                f'The tokenizer of the text encoder {conditioner.name} maps ordinary words to <unk> ({unknown} of '
                 f"{len(ids)} pieces of '{PROBE_TEXT}'): its vocabulary files (spiece.model / tokenizer.json) are "
-                f"missing from the cache, so the model would ignore every prompt. {fetch_hint(conditioner.name)}")
+                f'missing from the cache, so the model would ignore every prompt. {fetch_hint(conditioner.name)}'
+            )

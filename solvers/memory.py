@@ -6,6 +6,7 @@ LM's T5 projection is built as a lookup-table conditioner of the same width. Act
 :data:`ACTIVATION_MODEL`, whose coefficients were measured with :func:`measure_activation_bytes` (autograd's saved
 tensors, deduplicated by storage) on the custom-attention LM: see benchmarks/bench_memory.py and docs/benchmarks.md.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,10 +23,15 @@ GB = 1e9
 # T5 encoders audiocraft's T5Conditioner accepts: (parameters of the encoder alone, d_model). From the published
 # configs; used when the model isn't in the local HF cache.
 T5_ENCODERS = {
-    't5-small': (35_330_816, 512), 't5-base': (109_628_544, 768), 't5-large': (341_231_104, 1024),
-    't5-3b': (1_241_784_320, 1024), 't5-11b': (4_762_310_656, 1024),
-    'google/flan-t5-small': (35_326_976, 512), 'google/flan-t5-base': (109_628_544, 768),
-    'google/flan-t5-large': (341_231_104, 1024), 'google/flan-t5-xl': (1_223_527_424, 2048),
+    't5-small': (35_330_816, 512),
+    't5-base': (109_628_544, 768),
+    't5-large': (341_231_104, 1024),
+    't5-3b': (1_241_784_320, 1024),
+    't5-11b': (4_762_310_656, 1024),
+    'google/flan-t5-small': (35_326_976, 512),
+    'google/flan-t5-base': (109_628_544, 768),
+    'google/flan-t5-large': (341_231_104, 1024),
+    'google/flan-t5-xl': (1_223_527_424, 2048),
     'google/flan-t5-xxl': (4_762_310_656, 4096),
 }
 CODEC_PARAMS = 59_000_000  # facebook/audiogen-medium's 16 kHz EnCodec, when its package can't be read
@@ -46,8 +52,8 @@ AUTOCAST_ACTIVATION_RATIO = 1.0
 # step, of which 48 x 2 x 28.3 MB are these weights. Under CUDA autocast the matmul also keeps the half-precision
 # copy it reads (assumed, not yet measured on a GPU).
 LORA_FUSED_WEIGHT_BYTES = 4
-CUDA_OVERHEAD = 0.8 * GB   # CUDA context, cuBLAS/cuDNN workspaces
-FRAGMENTATION = 0.10        # the caching allocator's slack on top of live tensors
+CUDA_OVERHEAD = 0.8 * GB  # CUDA context, cuBLAS/cuDNN workspaces
+FRAGMENTATION = 0.10  # the caching allocator's slack on top of live tensors
 
 
 @dataclasses.dataclass
@@ -91,8 +97,9 @@ def t5_counts(name: str) -> tuple[int, int]:
         if name not in T5_ENCODERS:
             raise adapters.AdapterError(
                 f"Unknown T5 encoder '{name}' and it is not in the local HF cache: the planner can't count it. "
-                f"Fetch it once (python -c \"from transformers import T5Config; T5Config.from_pretrained('{name}')\") "
-                f"or use one of {', '.join(T5_ENCODERS)}.") from None
+                f'Fetch it once (python -c "from transformers import T5Config; T5Config.from_pretrained(\'{name}\')") '
+                f'or use one of {", ".join(T5_ENCODERS)}.'
+            ) from None
         return T5_ENCODERS[name]
 
 
@@ -147,8 +154,11 @@ def activation_bytes(cfg: DictConfig, batch: int, peak: bool = True) -> float:
     tokens = batch * steps
     width = 4 if not _autocast(cfg) else 4 * AUTOCAST_ACTIVATION_RATIO
     per_layer = ACTIVATION_MODEL['per_layer_d']
-    if adapters.enabled(cfg) and float(cfg.adapter.dropout) > 0 and any(
-            target not in adapters.PARAM_TARGETS for target in cfg.adapter.targets):
+    if (
+        adapters.enabled(cfg)
+        and float(cfg.adapter.dropout) > 0
+        and any(target not in adapters.PARAM_TARGETS for target in cfg.adapter.targets)
+    ):
         per_layer += ACTIVATION_MODEL['lora_dropout_d']
     if lm.checkpointing == 'none':
         layers = lm.num_layers * per_layer
@@ -198,24 +208,41 @@ def plan(cfg: DictConfig, gpu_gb: float, overrides: tp.Sequence[str] = (), count
     ema_on_gpu = bool(cfg.optim.ema.use) and str(cfg.optim.ema.device).startswith(('cuda', '${'))
     components = [
         ('weights (trainable, fp32)', counts.trainable * 4, f'{counts.trainable / 1e6:,.1f}M parameters'),
-        (f'weights (frozen, {str(base_dtype).removeprefix("torch.")})', frozen * base_size,
-         f'{frozen / 1e6:,.1f}M parameters'),
+        (
+            f'weights (frozen, {str(base_dtype).removeprefix("torch.")})',
+            frozen * base_size,
+            f'{frozen / 1e6:,.1f}M parameters',
+        ),
         ('gradients', counts.trainable * 4, 'fp32, trainable parameters only'),
-        (f'optimizer ({cfg.optim.optimizer})', counts.trainable * optimizer_bytes,
-         '2 moments' + (' in 8 bits' if optimizer_bytes == 2 else ' in fp32')),
-        ('EMA', counts.trainable * 4 if ema_on_gpu else 0,
-         'on the GPU' if ema_on_gpu else ('host RAM (optim.ema.device=cpu)' if cfg.optim.ema.use else 'off')),
+        (
+            f'optimizer ({cfg.optim.optimizer})',
+            counts.trainable * optimizer_bytes,
+            '2 moments' + (' in 8 bits' if optimizer_bytes == 2 else ' in fp32'),
+        ),
+        (
+            'EMA',
+            counts.trainable * 4 if ema_on_gpu else 0,
+            'on the GPU' if ema_on_gpu else ('host RAM (optim.ema.device=cpu)' if cfg.optim.ema.use else 'off'),
+        ),
         ('text encoder (T5, frozen)', counts.t5 * 4, f'{counts.t5 / 1e6:,.0f}M parameters, fp32'),
         ('codec (frozen)', counts.codec * 4, 'encodes the batch'),
-        (f'activations ({batch} x {float(cfg.dataset.segment_duration):g} s)', activation_bytes(cfg, batch),
-         f'checkpointing={cfg.transformer_lm.checkpointing}' + (', autocast' if _autocast(cfg) else ', fp32')),
+        (
+            f'activations ({batch} x {float(cfg.dataset.segment_duration):g} s)',
+            activation_bytes(cfg, batch),
+            f'checkpointing={cfg.transformer_lm.checkpointing}' + (', autocast' if _autocast(cfg) else ', fp32'),
+        ),
     ]
     rebuilt = lora_fused_weight_bytes(cfg)
     if rebuilt:
         components.append(('LoRA fused q/k/v weights', rebuilt, 'W + B @ A rebuilt per layer, kept for the backward'))
     live = sum(b for _, b, _ in components)
-    components.append(('CUDA context + allocator slack', CUDA_OVERHEAD + FRAGMENTATION * live,
-                       f'{CUDA_OVERHEAD / GB:.1f} GB + {FRAGMENTATION:.0%}'))
+    components.append(
+        (
+            'CUDA context + allocator slack',
+            CUDA_OVERHEAD + FRAGMENTATION * live,
+            f'{CUDA_OVERHEAD / GB:.1f} GB + {FRAGMENTATION:.0%}',
+        )
+    )
     return Plan(components=components, counts=counts, gpu_bytes=gpu_gb * GB, overrides=list(overrides))
 
 
@@ -228,8 +255,9 @@ LEVERS: tuple[tuple[str, tp.Callable[[DictConfig], bool]], ...] = (
 )
 
 
-def make_it_fit(overrides: tp.Sequence[str], gpu_gb: float,
-                compose: tp.Callable[[list[str]], DictConfig]) -> Plan | None:
+def make_it_fit(
+    overrides: tp.Sequence[str], gpu_gb: float, compose: tp.Callable[[list[str]], DictConfig]
+) -> Plan | None:
     """The first plan that fits, adding levers and then halving the micro-batch (doubling the accumulation, so the
     effective batch is unchanged); None when even a micro-batch of one clip doesn't fit."""
     extra: list[str] = []
@@ -264,14 +292,16 @@ def make_it_fit(overrides: tp.Sequence[str], gpu_gb: float,
 
 def format_plan(plan: Plan, title: str = 'Memory plan') -> str:
     """The plan as a table a user reads in a terminal or a log."""
-    lines = [f"{title} (one process, GB = 1e9 bytes):"]
+    lines = [f'{title} (one process, GB = 1e9 bytes):']
     for name, size, note in plan.components:
-        lines.append(f"  {name:<38} {size / GB:8.2f} GB   {note}")
+        lines.append(f'  {name:<38} {size / GB:8.2f} GB   {note}')
     verdict = 'fits' if plan.fits else 'does NOT fit'
-    lines.append(f"  {'total':<38} {plan.total / GB:8.2f} GB   {verdict} in {plan.gpu_bytes / GB:g} GB")
+    lines.append(f'  {"total":<38} {plan.total / GB:8.2f} GB   {verdict} in {plan.gpu_bytes / GB:g} GB')
     c = plan.counts
-    lines.append(f"  parameters: LM {c.lm / 1e6:,.1f}M ({c.trainable / 1e6:,.1f}M trainable), T5 {c.t5 / 1e6:,.0f}M, "
-                 f"codec {c.codec / 1e6:,.0f}M")
+    lines.append(
+        f'  parameters: LM {c.lm / 1e6:,.1f}M ({c.trainable / 1e6:,.1f}M trainable), T5 {c.t5 / 1e6:,.0f}M, '
+        f'codec {c.codec / 1e6:,.0f}M'
+    )
     return '\n'.join(lines)
 
 
@@ -298,6 +328,7 @@ def measure_activation_bytes(step: tp.Callable[[], torch.Tensor], exclude: tp.It
         if tensor.untyped_storage().data_ptr() not in skip:
             saved.append(tensor)
         return tensor
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = step()
     total = _unique_bytes(saved)

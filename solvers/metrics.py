@@ -13,6 +13,7 @@
 
 Heavy imports (transformers, pesq, pystoi, hear21passt) happen inside the functions that need them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,8 +40,15 @@ PASST_URL = f'https://github.com/kkoutini/PaSST/releases/download/v0.0.1-audiose
 # Every score the evaluation logs (history['evaluate'], TensorBoard quality/<key>, report.json): True when higher
 # is better. clap_real is the CLAP score of the real valid clips with their own captions: what a perfect model reaches.
 HIGHER_IS_BETTER: dict[str, bool] = {
-    'clap': True, 'clap_real': True, 'fad': False, 'kad': False, 'kld': False,
-    'codec_pesq': True, 'codec_stoi': True, 'codec_sisdr': True, 'codec_mel': False,
+    'clap': True,
+    'clap_real': True,
+    'fad': False,
+    'kad': False,
+    'kld': False,
+    'codec_pesq': True,
+    'codec_stoi': True,
+    'codec_sisdr': True,
+    'codec_mel': False,
 }
 
 
@@ -51,13 +59,16 @@ class MetricsError(AudiogenError, RuntimeError):
 # ---------------------------------------------------------------------------------------------------- CLAP
 def prefetch_command(model_id: str) -> str:
     """The command that puts a CLAP checkpoint into the Hugging Face cache (run it where there is internet)."""
-    return (f"python -c \"from transformers import ClapModel, ClapProcessor; "
-            f"ClapModel.from_pretrained('{model_id}'); ClapProcessor.from_pretrained('{model_id}')\"")
+    return (
+        f'python -c "from transformers import ClapModel, ClapProcessor; '
+        f"ClapModel.from_pretrained('{model_id}'); ClapProcessor.from_pretrained('{model_id}')\""
+    )
 
 
 def tiny_clap_dir() -> Path:
     """Where ``tiny`` lives: ``<outputs>/pretrained/tiny_clap``, beside the tiny stand-in LM package."""
     from .package import local_packages_dir
+
     return local_packages_dir() / 'tiny_clap'
 
 
@@ -78,13 +89,17 @@ def resolve_clap(ref: str) -> str:
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / 'config.json').is_file():
-            raise MetricsError(f"CLAP model directory {path} has no config.json: pass a folder written by "
-                               "ClapModel.save_pretrained + ClapProcessor.save_pretrained, or an HF id.")
+            raise MetricsError(
+                f'CLAP model directory {path} has no config.json: pass a folder written by '
+                'ClapModel.save_pretrained + ClapProcessor.save_pretrained, or an HF id.'
+            )
         return str(path.resolve())
     if is_hub_id(text):
         return text
-    raise MetricsError(f"CLAP model '{text}' is neither a directory (looked for {path.resolve()}) nor a Hugging Face "
-                       f"id: pass {DEFAULT_CLAP}, a local folder, or tiny (a random offline stand-in).")
+    raise MetricsError(
+        f"CLAP model '{text}' is neither a directory (looked for {path.resolve()}) nor a Hugging Face "
+        f'id: pass {DEFAULT_CLAP}, a local folder, or tiny (a random offline stand-in).'
+    )
 
 
 def load_pretrained(cls: tp.Any, ref: str) -> tp.Any:
@@ -93,12 +108,13 @@ def load_pretrained(cls: tp.Any, ref: str) -> tp.Any:
         return cls.from_pretrained(ref)
     except OSError as err:
         if Path(ref).is_dir():
-            raise MetricsError(f"Cannot load the CLAP model from {ref}: {str(err).splitlines()[0]}") from err
+            raise MetricsError(f'Cannot load the CLAP model from {ref}: {str(err).splitlines()[0]}') from err
         offline = os.environ.get('HF_HUB_OFFLINE', 'unset')
         raise MetricsError(
             f"The evaluation model {ref} is not in the Hugging Face cache and the hub can't be reached "
-            f"(HF_HUB_OFFLINE={offline}): pre-fetch it once on a machine with internet with `{prefetch_command(ref)}` "
-            "(then copy ~/.cache/huggingface or $HF_HOME), or pass a local folder.") from err
+            f'(HF_HUB_OFFLINE={offline}): pre-fetch it once on a machine with internet with `{prefetch_command(ref)}` '
+            '(then copy ~/.cache/huggingface or $HF_HOME), or pass a local folder.'
+        ) from err
 
 
 def check_cached_weights(ref: str) -> None:
@@ -113,9 +129,10 @@ def check_cached_weights(ref: str) -> None:
     if not any(isinstance(try_to_load_from_cache(ref, name), str) for name in weights):
         raise MetricsError(
             f"The evaluation model {ref} has no weights in the Hugging Face cache and the hub can't be reached "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}): pre-fetch it once on a machine with "
-            f"internet with `{prefetch_command(ref)}` (then copy ~/.cache/huggingface or $HF_HOME), or pass a local "
-            "folder.")
+            f'(HF_HUB_OFFLINE={os.environ.get("HF_HUB_OFFLINE", "unset")}): pre-fetch it once on a machine with '
+            f'internet with `{prefetch_command(ref)}` (then copy ~/.cache/huggingface or $HF_HOME), or pass a local '
+            'folder.'
+        )
 
 
 def _features(output: tp.Any) -> torch.Tensor:
@@ -158,8 +175,9 @@ class ClapScorer:
         """[N, D] float32 CPU embeddings of captions, unit norm."""
         out = []
         for i in range(0, len(texts), self.batch_size):
-            tokens = self.processor.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
-                                              return_tensors='pt').to(self.device)
+            tokens = self.processor.tokenizer(
+                list(texts[i : i + self.batch_size]), padding=True, truncation=True, return_tensors='pt'
+            ).to(self.device)
             out.append(_features(self.model.get_text_features(**tokens)).float().cpu())
         return torch.nn.functional.normalize(torch.cat(out), dim=-1) if out else torch.empty(0, 0)
 
@@ -176,18 +194,19 @@ class ClapScorer:
             mono = wav.detach().float().cpu().reshape(-1, wav.shape[-1]).mean(0)
             if sample_rate != self.sample_rate:
                 mono = AF.resample(mono, sample_rate, self.sample_rate)
-            arrays.append(mono[:self.max_samples].numpy())
+            arrays.append(mono[: self.max_samples].numpy())
         out = []
         for i in range(0, len(arrays), self.batch_size):
-            inputs = self.processor.feature_extractor(arrays[i:i + self.batch_size], sampling_rate=self.sample_rate,
-                                                      return_tensors='pt').to(self.device)
+            inputs = self.processor.feature_extractor(
+                arrays[i : i + self.batch_size], sampling_rate=self.sample_rate, return_tensors='pt'
+            ).to(self.device)
             out.append(_features(self.model.get_audio_features(**inputs)).float().cpu())
         return torch.nn.functional.normalize(torch.cat(out), dim=-1) if out else torch.empty(0, 0)
 
     def score(self, texts: tp.Sequence[str], wavs: tp.Sequence[torch.Tensor], sample_rate: int) -> torch.Tensor:
         """[N] CLAP scores of clip ``i`` with caption ``i``, each in [-1, 1] (higher: the clip fits its caption)."""
         if len(texts) != len(wavs):
-            raise ValueError(f"{len(texts)} captions for {len(wavs)} clips")
+            raise ValueError(f'{len(texts)} captions for {len(wavs)} clips')
         return clap_cosine(self.embed_text(texts), self.embed_audio(wavs, sample_rate))
 
 
@@ -224,13 +243,30 @@ def build_tiny_clap(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     # Byte-level BPE without merges: every byte is a token, so any caption tokenizes without a trained vocabulary.
     vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tokenizer = RobertaTokenizer(vocab=vocab, merges=[], model_max_length=128)
-    text_config = dict(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, max_position_embeddings=132, projection_dim=16,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
+    text_config = dict(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=132,
+        projection_dim=16,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     # HTSAT needs its 256 x 256 spectrogram image and 64 mel bins; the tower itself is two one-block stages.
-    audio_config = dict(hidden_size=16, depths=[1, 1], num_attention_heads=[1, 2], patch_embeds_hidden_size=8,
-                        projection_dim=16, enable_fusion=False, window_size=8, spec_size=256, num_mel_bins=64)
+    audio_config = dict(
+        hidden_size=16,
+        depths=[1, 1],
+        num_attention_heads=[1, 2],
+        patch_embeds_hidden_size=8,
+        projection_dim=16,
+        enable_fusion=False,
+        window_size=8,
+        spec_size=256,
+        num_mel_bins=64,
+    )
     torch.manual_seed(seed)
     model = ClapModel(ClapConfig(text_config=text_config, audio_config=audio_config, projection_dim=16)).eval()
     processor = ClapProcessor(feature_extractor=ClapFeatureExtractor(truncation='rand_trunc'), tokenizer=tokenizer)
@@ -243,7 +279,7 @@ def build_tiny_clap(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 def _as_matrix(x: tp.Any, name: str, min_rows: int = 2) -> np.ndarray:
     array = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
     if array.ndim != 2 or array.shape[0] < min_rows:
-        raise ValueError(f"{name} must be [N, D] embeddings with N >= {min_rows}, got shape {array.shape}")
+        raise ValueError(f'{name} must be [N, D] embeddings with N >= {min_rows}, got shape {array.shape}')
     return array
 
 
@@ -256,7 +292,7 @@ def frechet_distance(x: tp.Any, y: tp.Any) -> float:
     """
     x, y = _as_matrix(x, 'x'), _as_matrix(y, 'y')
     if x.shape[1] != y.shape[1]:
-        raise ValueError(f"embedding sizes differ: {x.shape[1]} and {y.shape[1]}")
+        raise ValueError(f'embedding sizes differ: {x.shape[1]} and {y.shape[1]}')
     mu = x.mean(0) - y.mean(0)
     sx, sy = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
     sx, sy = np.atleast_2d(sx), np.atleast_2d(sy)
@@ -301,12 +337,13 @@ def kernel_audio_distance(x: tp.Any, y: tp.Any, bandwidth: float | None = None, 
     if bandwidth is None:
         bandwidth = median_pairwise_distance(y)
     if not bandwidth > 0:
-        raise ValueError("the reference clips all have the same embedding: the kernel bandwidth is 0")
-    gamma = 1.0 / (2.0 * bandwidth ** 2)
+        raise ValueError('the reference clips all have the same embedding: the kernel bandwidth is 0')
+    gamma = 1.0 / (2.0 * bandwidth**2)
 
     def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
         return np.exp(-gamma * np.clip(d2, 0, None))
+
     return scale * mmd_unbiased(kernel(x, x), kernel(y, y), kernel(x, y))
 
 
@@ -330,7 +367,7 @@ def pesq_wb(reference: torch.Tensor, degraded: torch.Tensor, sample_rate: int = 
     try:
         return float(pesq(sample_rate, ref[:n], deg[:n], 'wb'))
     except Exception as err:  # pesq raises its own NoUtterancesError, BufferTooShortError, ...
-        logger.debug("PESQ skipped a clip: %s", err)
+        logger.debug('PESQ skipped a clip: %s', err)
         return float('nan')
 
 
@@ -365,8 +402,9 @@ def si_sdr(reference: torch.Tensor, degraded: torch.Tensor, eps: float = 1e-8) -
 def _mel_transform(sample_rate: int) -> tp.Any:
     import torchaudio
 
-    return torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=1024, hop_length=256, n_mels=64,
-                                                power=1.0)
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=sample_rate, n_fft=1024, hop_length=256, n_mels=64, power=1.0
+    )
 
 
 def mel_distance(reference: torch.Tensor, degraded: torch.Tensor, sample_rate: int = 16000) -> float:
@@ -396,7 +434,7 @@ def reconstruct(compression_model: tp.Any, wav: torch.Tensor) -> torch.Tensor:
     out = compression_model.decode(codes, scale)[0].float().cpu()
     if out.shape[-1] < wav.shape[-1]:
         out = torch.nn.functional.pad(out, (0, wav.shape[-1] - out.shape[-1]))
-    return out[..., :wav.shape[-1]]
+    return out[..., : wav.shape[-1]]
 
 
 def codec_fidelity(compression_model: tp.Any, clips: tp.Sequence[torch.Tensor], sample_rate: int) -> dict[str, float]:
@@ -415,8 +453,9 @@ def codec_fidelity(compression_model: tp.Any, clips: tp.Sequence[torch.Tensor], 
         rebuilt = reconstruct(compression_model, clip)
         for key, fn in CODEC_METRICS.items():
             values[key].append(fn(clip, rebuilt, sample_rate))
-    return {key: float(np.mean(finite)) for key, vals in values.items()
-            if (finite := [v for v in vals if math.isfinite(v)])}
+    return {
+        key: float(np.mean(finite)) for key, vals in values.items() if (finite := [v for v in vals if math.isfinite(v)])
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- PaSST KL
@@ -430,12 +469,16 @@ def passt_unavailable() -> str | None:
     import importlib.util
 
     if importlib.util.find_spec('hear21passt') is None:
-        return ("PaSST KL skipped: the hear21passt package is not installed (pip install hear21passt, and put its "
-                f"weights at {passt_weights_path()}).")
+        return (
+            'PaSST KL skipped: the hear21passt package is not installed (pip install hear21passt, and put its '
+            f'weights at {passt_weights_path()}).'
+        )
     path = passt_weights_path()
     if not path.is_file():
-        return (f"PaSST KL skipped: its weights are not on this machine ({path}); download {PASST_URL} there on a "
-                "machine with internet.")
+        return (
+            f'PaSST KL skipped: its weights are not on this machine ({path}); download {PASST_URL} there on a '
+            'machine with internet.'
+        )
     return None
 
 
@@ -458,8 +501,9 @@ class PasstKL:
 
         self.metric = PasstKLDivergenceMetric().to(device)
 
-    def __call__(self, generated: tp.Sequence[torch.Tensor], real: tp.Sequence[torch.Tensor],
-                 sample_rate: int) -> float:
+    def __call__(
+        self, generated: tp.Sequence[torch.Tensor], real: tp.Sequence[torch.Tensor], sample_rate: int
+    ) -> float:
         """Mean KL over (generated, real) pairs of [C, T] clips at ``sample_rate`` (each pair cut to its shorter)."""
         self.metric.reset()
         for gen, ref in zip(generated, real):

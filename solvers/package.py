@@ -8,6 +8,7 @@ A package is a directory (or an HF hub repo) holding two files:
 
 Everything here loads with ``torch.load(weights_only=True)``: packages hold only tensors, strings and numbers.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,13 +28,27 @@ _HF_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 
 # Keys that define the LM's parameters. A package and a config that disagree on any of them cannot share weights.
 ARCHITECTURE_KEYS = (
-    'sample_rate', 'channels',
-    'transformer_lm.dim', 'transformer_lm.num_heads', 'transformer_lm.num_layers', 'transformer_lm.hidden_scale',
-    'transformer_lm.n_q', 'transformer_lm.card', 'transformer_lm.activation', 'transformer_lm.norm_first',
-    'transformer_lm.bias_ff', 'transformer_lm.bias_attn', 'transformer_lm.bias_proj', 'transformer_lm.norm',
-    'transformer_lm.positional_embedding', 'transformer_lm.layer_scale', 'transformer_lm.kv_repeat',
-    'transformer_lm.qk_layer_norm', 'transformer_lm.qk_layer_norm_cross',
-    'codebooks_pattern.modeling', 'codebooks_pattern.delay.delays',
+    'sample_rate',
+    'channels',
+    'transformer_lm.dim',
+    'transformer_lm.num_heads',
+    'transformer_lm.num_layers',
+    'transformer_lm.hidden_scale',
+    'transformer_lm.n_q',
+    'transformer_lm.card',
+    'transformer_lm.activation',
+    'transformer_lm.norm_first',
+    'transformer_lm.bias_ff',
+    'transformer_lm.bias_attn',
+    'transformer_lm.bias_proj',
+    'transformer_lm.norm',
+    'transformer_lm.positional_embedding',
+    'transformer_lm.layer_scale',
+    'transformer_lm.kv_repeat',
+    'transformer_lm.qk_layer_norm',
+    'transformer_lm.qk_layer_norm_cross',
+    'codebooks_pattern.modeling',
+    'codebooks_pattern.delay.delays',
     'conditioners.description.model',
 )
 # Sub-trees taken verbatim from the package: they name the exact conditioner, fuser and token pattern the weights
@@ -62,8 +77,11 @@ def resolve(name_or_path: str | os.PathLike, base_dir: str | os.PathLike | None 
     if not path.is_dir() and _is_local_name(text):
         path = local_packages_dir() / text
         if not path.is_dir():
-            hint = ("build it with `python -m scripts.make_tiny_package` (`make demo` does it)" if text == 'tiny'
-                    else "export one there with `python -m scripts.export`, or pass an HF id or a directory")
+            hint = (
+                'build it with `python -m scripts.make_tiny_package` (`make demo` does it)'
+                if text == 'tiny'
+                else 'export one there with `python -m scripts.export`, or pass an HF id or a directory'
+            )
             raise PackageError(f"The pretrained package '{text}' is not built: expected it in {path}; {hint}.")
     if path.is_dir() and (path / ADAPTER_FILE).is_file():
         return str(path.resolve())  # an adapter export: its base is resolved when it is read
@@ -71,20 +89,23 @@ def resolve(name_or_path: str | os.PathLike, base_dir: str | os.PathLike | None 
         missing = [f for f in (LM_FILE, COMPRESSION_FILE) if not (path / f).is_file()]
         if missing:
             raise PackageError(
-                f"Pretrained package {path} lacks {', '.join(missing)}. A package dir holds {LM_FILE} (xp.cfg + "
-                f"best_state) and {COMPRESSION_FILE}; build one with scripts/export.py or "
-                "scripts/make_tiny_package.py.")
+                f'Pretrained package {path} lacks {", ".join(missing)}. A package dir holds {LM_FILE} (xp.cfg + '
+                f'best_state) and {COMPRESSION_FILE}; build one with scripts/export.py or '
+                'scripts/make_tiny_package.py.'
+            )
         return str(path.resolve())
     if is_hub_id(text):
         return text
     raise PackageError(
         f"Pretrained package not found: '{text}' (looked for the directory {path}). Pass an HF id such as "
-        f"facebook/audiogen-medium or a directory containing {LM_FILE} and {COMPRESSION_FILE}.")
+        f'facebook/audiogen-medium or a directory containing {LM_FILE} and {COMPRESSION_FILE}.'
+    )
 
 
 def local_packages_dir() -> Path:
     """Where packages named by a bare name (``pretrained=tiny``) live: ``<outputs>/pretrained/``."""
     from .project import outputs_dir
+
     return outputs_dir() / 'pretrained'
 
 
@@ -112,16 +133,24 @@ def _fetch(package: str, filename: str) -> Path:
     import audiocraft
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
+
     try:
-        return Path(hf_hub_download(repo_id=package, filename=filename,
-                                    cache_dir=os.environ.get('AUDIOCRAFT_CACHE_DIR'),
-                                    library_name='audiocraft', library_version=audiocraft.__version__))
+        return Path(
+            hf_hub_download(
+                repo_id=package,
+                filename=filename,
+                cache_dir=os.environ.get('AUDIOCRAFT_CACHE_DIR'),
+                library_name='audiocraft',
+                library_version=audiocraft.__version__,
+            )
+        )
     except LocalEntryNotFoundError as err:
         raise PackageError(
             f"Cannot fetch {filename} of '{package}' from the Hugging Face hub: it is not in the local cache and "
             f"the hub can't be reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). Download it once "
-            "on a machine with internet (the cache is ~/.cache/huggingface, or HF_HOME), or pass a local package "
-            "directory.") from err
+            'on a machine with internet (the cache is ~/.cache/huggingface, or HF_HOME), or pass a local package '
+            'directory.'
+        ) from err
     except Exception as err:  # RepositoryNotFoundError, EntryNotFoundError, HTTP errors
         raise PackageError(f"Cannot fetch {filename} of '{package}' from the Hugging Face hub: {err}") from err
 
@@ -140,8 +169,8 @@ def load_file(package: str, filename: str) -> dict:
         return load_weights_only(path)
     except Exception as err:
         raise PackageError(
-            f"Cannot read {path}: {err}. Package files must be torch zip archives holding only tensors, strings "
-            "and numbers (they are loaded with weights_only=True); re-export the package with scripts/export.py."
+            f'Cannot read {path}: {err}. Package files must be torch zip archives holding only tensors, strings '
+            'and numbers (they are loaded with weights_only=True); re-export the package with scripts/export.py.'
         ) from err
 
 
@@ -153,8 +182,9 @@ def adapter_export(package: str) -> dict | None:
     data = load_file(package, ADAPTER_FILE)
     missing = [k for k in ('xp.cfg', 'adapter_state', 'adapter_layout', 'base') if k not in data]
     if missing:
-        raise PackageError(f"{path / ADAPTER_FILE} lacks {', '.join(missing)}: re-export the XP with "
-                           "scripts/export.py.")
+        raise PackageError(
+            f'{path / ADAPTER_FILE} lacks {", ".join(missing)}: re-export the XP with scripts/export.py.'
+        )
     return data
 
 
@@ -185,6 +215,7 @@ def lm_state(package: str) -> dict:
     adapter = adapter_export(package)
     if adapter is not None:
         from .adapters import merge_state
+
         return merge_state(lm_state(base_of(package)), adapter['adapter_state'], adapter['adapter_layout'])
     return load_file(package, LM_FILE)['best_state']
 
@@ -235,20 +266,27 @@ def check_and_merge(cfg: DictConfig, package_cfg: DictConfig, package: str) -> N
             continue
         ours, theirs = (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for v in (ours, theirs))
         if ours != theirs:
-            mismatches.append(f"  {key}: {ours!r} in the config, {theirs!r} in the package")
+            mismatches.append(f'  {key}: {ours!r} in the config, {theirs!r} in the package')
     if mismatches:
         raise PackageError(
-            f"The model config does not match the pretrained package '{package}':\n" + '\n'.join(mismatches) +
-            "\nPick the model preset that matches the package (model=audiogen_medium for facebook/audiogen-medium, "
-            "model=tiny for the tiny stand-in), take the architecture from the package with "
-            f"`model=from_package pretrained={package}`, or point `pretrained=` at the package you meant.")
+            f"The model config does not match the pretrained package '{package}':\n"
+            + '\n'.join(mismatches)
+            + '\nPick the model preset that matches the package (model=audiogen_medium for facebook/audiogen-medium, '
+            'model=tiny for the tiny stand-in), take the architecture from the package with '
+            f'`model=from_package pretrained={package}`, or point `pretrained=` at the package you meant.'
+        )
     for subtree in PACKAGE_SUBTREES:
         if subtree in package_cfg:
             OmegaConf.update(cfg, subtree, package_cfg[subtree], merge=False, force_add=True)
 
 
-def write(out_dir: str | os.PathLike, lm_cfg: DictConfig | str, lm_state_dict: dict,
-          compression_cfg: DictConfig | str, compression_state_dict: dict) -> Path:
+def write(
+    out_dir: str | os.PathLike,
+    lm_cfg: DictConfig | str,
+    lm_state_dict: dict,
+    compression_cfg: DictConfig | str,
+    compression_state_dict: dict,
+) -> Path:
     """Write a package that ``AudioGen.get_pretrained(out_dir)`` loads unchanged.
 
     Args:
@@ -273,7 +311,9 @@ def write(out_dir: str | os.PathLike, lm_cfg: DictConfig | str, lm_state_dict: d
         return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
     meta = {'version': audiocraft.__version__, 'exported': True}
-    save_torch({'xp.cfg': as_yaml(compression_cfg), 'best_state': plain(compression_state_dict), **meta},
-                 out / COMPRESSION_FILE)
+    save_torch(
+        {'xp.cfg': as_yaml(compression_cfg), 'best_state': plain(compression_state_dict), **meta},
+        out / COMPRESSION_FILE,
+    )
     save_torch({'xp.cfg': as_yaml(lm_cfg), 'best_state': plain(lm_state_dict), **meta}, out / LM_FILE)
     return out

@@ -6,6 +6,7 @@ Two roots:
   (manifests), ``data/`` (prepared audio), ``config/dataset/`` (presets written by prepare_dataset, found by
   `dora run dataset=NAME` through Hydra's search path) and ``outputs/`` (XPs; ``$AUDIOGEN_OUTPUTS`` moves them alone).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -63,10 +64,10 @@ def next_commands(sig: str, name: str, base: str, prompt: str | None = None, cla
     no_clap = '' if clap else ' --clap-model none'
     quoted = shlex.quote(prompt) if prompt else '"<your prompt>"'
     return [
-        f"tensorboard --logdir {_shown(outputs_dir() / 'tensorboard')}     # curves: one run per XP",
-        f"python -m scripts.generate {quoted} --model {sig} --batch_size 5",
-        f"python -m scripts.export {sig} exported/{name}     # a package AudioGen.get_pretrained loads",
-        f"python -m scripts.evaluate {shlex.quote(base)} {sig} --dataset {name}{no_clap}     # base vs fine-tune",
+        f'tensorboard --logdir {_shown(outputs_dir() / "tensorboard")}     # curves: one run per XP',
+        f'python -m scripts.generate {quoted} --model {sig} --batch_size 5',
+        f'python -m scripts.export {sig} exported/{name}     # a package AudioGen.get_pretrained loads',
+        f'python -m scripts.evaluate {shlex.quote(base)} {sig} --dataset {name}{no_clap}     # base vs fine-tune',
     ]
 
 
@@ -140,9 +141,10 @@ def install_error_hook() -> None:
 
     def hook(kind: type[BaseException], value: BaseException, tb: tp.Any) -> None:
         if isinstance(value, AudiogenError):
-            print(f"error: {value}", file=sys.stderr)
+            print(f'error: {value}', file=sys.stderr)
         else:
             previous(kind, value, tb)
+
     sys.excepthook = hook
 
 
@@ -178,17 +180,18 @@ def explain_config_error(overrides: tp.Sequence[str], err: Exception) -> Audioge
         if key not in GROUPS and not override.startswith('+') and not _key_exists(key):
             return AudiogenError(_unknown_key(key))
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return AudiogenError(f"The configuration could not be composed from {' '.join(overrides) or 'the defaults'}: "
-                         f"{first}")
+    return AudiogenError(
+        f'The configuration could not be composed from {" ".join(overrides) or "the defaults"}: {first}'
+    )
 
 
 def _unknown_preset(group: str, value: str) -> str:
     known = preset_names(group)
     close = difflib.get_close_matches(value, known, n=1)
-    hint = f" Did you mean {group}={close[0]}?" if close else ''
-    message = f"Unknown preset {group}={value}: config/{group}/ has {', '.join(known) or 'none'}.{hint}"
+    hint = f' Did you mean {group}={close[0]}?' if close else ''
+    message = f'Unknown preset {group}={value}: config/{group}/ has {", ".join(known) or "none"}.{hint}'
     if group == 'dataset':
-        message += (f" To make it, prepare your sounds: python -m scripts.prepare_dataset DIR --name {value}")
+        message += f' To make it, prepare your sounds: python -m scripts.prepare_dataset DIR --name {value}'
     return message
 
 
@@ -202,6 +205,7 @@ def _all_keys() -> list[str]:
                 out.add(prefix + str(key))
                 if isinstance(value, dict):
                     walk(value, prefix + str(key) + '.')
+
     for path in [CONFIG_DIR / 'config.yaml', *sorted(CONFIG_DIR.glob('*/**/*.yaml'))]:
         node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
         if isinstance(node, dict):
@@ -224,5 +228,5 @@ def _unknown_key(key: str) -> str:
             close = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)]
             if close:
                 break
-    hint = f" Did you mean {close[0]}?" if close else " See config/config.yaml for the keys."
+    hint = f' Did you mean {close[0]}?' if close else ' See config/config.yaml for the keys.'
     return f"Unknown config key '{key}': no preset or base config defines it.{hint}"

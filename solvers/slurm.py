@@ -31,6 +31,7 @@ Keys of the `slurm` group (every preset sets all of them, so that overriding one
 Any other field of `dora.conf.SlurmConfig` (one_task_per_node, array_parallelism, dependents, srun_args, python,
 nodelist, cpus_per_task, container_chdir, force_chdir) may be added to a preset and is passed on unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,7 +59,7 @@ class SlurmConfigError(AudiogenError, ValueError):
 
 
 def _fail(key: str, message: str) -> tp.NoReturn:
-    raise SlurmConfigError(f"slurm.{key}: {message} (config/slurm/*.yaml, or slurm.{key}=... on the command line)")
+    raise SlurmConfigError(f'slurm.{key}: {message} (config/slurm/*.yaml, or slurm.{key}=... on the command line)')
 
 
 def _is_int(value: tp.Any) -> bool:
@@ -70,8 +71,8 @@ def _count(cfg: dict, key: str, minimum: int, optional: bool) -> int | None:
     if value is None and optional:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        allowed = f"a whole number >= {minimum}" + (" or null" if optional else "")
-        _fail(key, f"got {value!r}, expected {allowed}")
+        allowed = f'a whole number >= {minimum}' + (' or null' if optional else '')
+        _fail(key, f'got {value!r}, expected {allowed}')
     return value
 
 
@@ -83,7 +84,7 @@ def _gigabytes(cfg: dict, key: str) -> int | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not _is_int(value) or value < 1:
-        _fail(key, f"got {value!r}, expected a whole number of GB >= 1 or null (sbatch takes no fractions of a GB)")
+        _fail(key, f'got {value!r}, expected a whole number of GB >= 1 or null (sbatch takes no fractions of a GB)')
     return value
 
 
@@ -104,31 +105,38 @@ def slurm_parameters(slurm_cfg: DictConfig) -> DictConfig:
         SlurmConfigError: a value is missing, of the wrong type, or one SLURM would refuse.
     """
     if 'partition' not in slurm_cfg or OmegaConf.is_missing(slurm_cfg, 'partition'):
-        _fail('partition', "is not set: name the SLURM partition to run on (`sinfo` lists them)")
+        _fail('partition', 'is not set: name the SLURM partition to run on (`sinfo` lists them)')
     for key in REQUIRED_KEYS:
         if key not in slurm_cfg:
-            _fail(key, f"is missing: every preset sets {', '.join(REQUIRED_KEYS)} (null where unused), since the "
-                       "mapped config may not gain keys the XP's config lacks")
+            _fail(
+                key,
+                f'is missing: every preset sets {", ".join(REQUIRED_KEYS)} (null where unused), since the '
+                "mapped config may not gain keys the XP's config lacks",
+            )
     for name in slurm_cfg:
         if OmegaConf.is_missing(slurm_cfg, name):
-            _fail(str(name), "is required (??? in the preset): set it")
+            _fail(str(name), 'is required (??? in the preset): set it')
     cfg = OmegaConf.to_container(slurm_cfg, resolve=True)
     assert isinstance(cfg, dict)
     unknown = sorted(set(cfg) - set(DORA_KEYS) - set(CPU_ONLY_KEYS))
     if unknown:
         raise SlurmConfigError(
-            f"slurm: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(CPU_ONLY_KEYS + DORA_KEYS)} "
-            "(see the docstring of solvers/slurm.py)")
+            f'slurm: unknown key(s) {", ".join(unknown)}; known keys are {", ".join(CPU_ONLY_KEYS + DORA_KEYS)} '
+            '(see the docstring of solvers/slurm.py)'
+        )
 
     partition = cfg['partition']
     if not isinstance(partition, str) or not partition.strip():
-        _fail('partition', f"got {partition!r}: name the SLURM partition to run on (`sinfo` lists them)")
+        _fail('partition', f'got {partition!r}: name the SLURM partition to run on (`sinfo` lists them)')
 
     gpus = _count(cfg, 'gpus', 0, optional=False)
     assert gpus is not None
     if gpus > GPUS_PER_NODE and gpus % GPUS_PER_NODE:
-        _fail('gpus', f"got {gpus}: Dora schedules up to {GPUS_PER_NODE} GPUs on one node, or a multiple of "
-                      f"{GPUS_PER_NODE} over several nodes")
+        _fail(
+            'gpus',
+            f'got {gpus}: Dora schedules up to {GPUS_PER_NODE} GPUs on one node, or a multiple of '
+            f'{GPUS_PER_NODE} over several nodes',
+        )
     mem_per_gpu = _gigabytes(cfg, 'mem_per_gpu')
     mem_gb = _gigabytes(cfg, 'mem_gb')
     cpus_per_gpu = _count(cfg, 'cpus_per_gpu', 1, optional=True)
@@ -137,16 +145,22 @@ def slurm_parameters(slurm_cfg: DictConfig) -> DictConfig:
         for key, value in (('mem_per_gpu', mem_per_gpu), ('cpus_per_gpu', cpus_per_gpu)):
             if value is not None:
                 other = 'mem_gb' if key == 'mem_per_gpu' else 'cpus'
-                _fail(key, f"is {value} but the job has no GPU (slurm.gpus=0): set slurm.{other} for a CPU-only "
-                           f"job and slurm.{key}=null")
+                _fail(
+                    key,
+                    f'is {value} but the job has no GPU (slurm.gpus=0): set slurm.{other} for a CPU-only '
+                    f'job and slurm.{key}=null',
+                )
         # dora/shep.py counts a job without GPUs as one GPU slot per node: mem = mem_per_gpu * 1, no --gres.
         cfg['mem_per_gpu'], cfg['cpus_per_gpu'] = mem_gb, cpus
     else:
         for key, value in (('mem_gb', mem_gb), ('cpus', cpus)):
             if value is not None:
                 other = 'mem_per_gpu' if key == 'mem_gb' else 'cpus_per_gpu'
-                _fail(key, f"is {value} but applies to CPU-only jobs (slurm.gpus=0); this job has {gpus} GPU(s): "
-                           f"set slurm.{other} and slurm.{key}=null")
+                _fail(
+                    key,
+                    f'is {value} but applies to CPU-only jobs (slurm.gpus=0); this job has {gpus} GPU(s): '
+                    f'set slurm.{other} and slurm.{key}=null',
+                )
         cfg['mem_per_gpu'], cfg['cpus_per_gpu'] = mem_per_gpu, cpus_per_gpu
     for key in CPU_ONLY_KEYS:
         cfg.pop(key, None)
@@ -160,13 +174,12 @@ def slurm_parameters(slurm_cfg: DictConfig) -> DictConfig:
             continue
         value = cfg[key]
         if value is not None and not isinstance(value, str):
-            _fail(key, f"got {value!r}, expected a string or null")
+            _fail(key, f'got {value!r}, expected a string or null')
         cfg[key] = (value.strip() or None) if isinstance(value, str) else None
     if 'setup' in cfg:
         setup = cfg['setup'] if cfg['setup'] is not None else []
         if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
-            _fail('setup', f"got {setup!r}, expected a list of shell lines, e.g. "
-                           "slurm.setup='[\"module load cuda\"]'")
+            _fail('setup', f'got {setup!r}, expected a list of shell lines, e.g. slurm.setup=\'["module load cuda"]\'')
         cfg['setup'] = setup
     return OmegaConf.create(cfg)
 
@@ -184,15 +197,14 @@ def slurm_preset(name: str, **overrides: tp.Any) -> dict[str, tp.Any]:
     path = PRESET_DIR / f'{name}.yaml'
     if not path.exists():
         known = ', '.join(sorted(p.stem for p in PRESET_DIR.glob('*.yaml')))
-        raise SlurmConfigError(f"no SLURM preset {name!r}: {path} does not exist (presets: {known})")
+        raise SlurmConfigError(f'no SLURM preset {name!r}: {path} does not exist (presets: {known})')
     cfg = OmegaConf.load(path)
     assert isinstance(cfg, DictConfig)
     unknown = sorted(set(overrides) - set(cfg.keys()))
     if unknown:
-        raise SlurmConfigError(f"slurm_preset({name!r}): {', '.join(unknown)} not in {path}")
+        raise SlurmConfigError(f'slurm_preset({name!r}): {", ".join(unknown)} not in {path}')
     for key, value in overrides.items():
         cfg[key] = value
     result = OmegaConf.to_container(slurm_parameters(cfg))
     assert isinstance(result, dict)
     return {str(key): value for key, value in result.items()}
-

@@ -10,6 +10,7 @@ What it changes, hook by hook:
 - `state_dict` / `load_checkpoints` / `save_checkpoints`: checkpoints that `torch.load(weights_only=True)` reads,
   and `checkpoint.keep_last` applied.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,10 +67,10 @@ def _resolve_precision(cfg: omegaconf.DictConfig) -> None:
     if not cfg.autocast:
         return
     if not str(cfg.device).startswith('cuda'):
-        logger.info("Autocast disabled on %s: training in fp32.", cfg.device)
+        logger.info('Autocast disabled on %s: training in fp32.', cfg.device)
         cfg.autocast = False
     elif cfg.autocast_dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
-        logger.warning("This GPU has no bf16 support: using fp16 autocast with a grad scaler.")
+        logger.warning('This GPU has no bf16 support: using fp16 autocast with a grad scaler.')
         cfg.autocast_dtype = 'float16'
 
 
@@ -79,21 +80,24 @@ def _refuse_unsupported(cfg: omegaconf.DictConfig) -> None:
         raise adapters.AdapterError(
             "fsdp.use=true is not supported: audiocraft's FSDP wrapper needs one CUDA device per process and refuses "
             "autocast, and this solver's checkpoints, EMA and LoRA are not sharded. To fine-tune medium on one "
-            "24-48 GB GPU use adapter=lora; on several GPUs with a full copy each, `dora run -d` (data parallel).")
+            '24-48 GB GPU use adapter=lora; on several GPUs with a full copy each, `dora run -d` (data parallel).'
+        )
     adapters.check_settings(cfg)
     _check_evaluation(cfg)
     decoder = str(cfg.generate.get('decoder') or 'fast')
     if decoder not in fastgen.DECODERS:
-        raise AudiogenError(f"generate.decoder={decoder}: choose one of {', '.join(fastgen.DECODERS)}.")
+        raise AudiogenError(f'generate.decoder={decoder}: choose one of {", ".join(fastgen.DECODERS)}.')
     if decoder == 'graph' and str(cfg.device) != 'cuda':
-        raise AudiogenError("generate.decoder=graph captures CUDA graphs and needs device=cuda; "
-                                    "use generate.decoder=fast on the CPU.")
+        raise AudiogenError(
+            'generate.decoder=graph captures CUDA graphs and needs device=cuda; use generate.decoder=fast on the CPU.'
+        )
     _refuse_audiocraft_keys(cfg)
     if cfg.optim.eager_sync and cfg.optim.grad_accum_steps > 1:
         raise adapters.AdapterError(
-            f"optim.eager_sync=true all-reduces gradients during the backward, which gradient accumulation "
+            f'optim.eager_sync=true all-reduces gradients during the backward, which gradient accumulation '
             f"(optim.grad_accum_steps={cfg.optim.grad_accum_steps}) can't do: the earlier micro-batches' gradients "
-            "would be skipped. Set optim.eager_sync=false (one all-reduce per update) or optim.grad_accum_steps=1.")
+            'would be skipped. Set optim.eager_sync=false (one all-reduce per update) or optim.grad_accum_steps=1.'
+        )
 
 
 def _refuse_audiocraft_keys(cfg: omegaconf.DictConfig) -> None:
@@ -107,14 +111,18 @@ def _refuse_audiocraft_keys(cfg: omegaconf.DictConfig) -> None:
     for key, why in refused.items():
         value = omegaconf.OmegaConf.select(cfg, key)
         if value not in (None, False, [], ''):
-            raise AudiogenError(f"{key}={value} is not supported: {why}. Remove the override.")
+            raise AudiogenError(f'{key}={value} is not supported: {why}. Remove the override.')
     codec = omegaconf.OmegaConf.select(cfg, 'compression_model_checkpoint')
     if codec is not None and str(codec) != str(cfg.pretrained):
-        raise AudiogenError(f"compression_model_checkpoint={codec}: the codec always comes from the pretrained "
-                            f"package ({cfg.pretrained}), the one its LM was trained on. Remove the override.")
+        raise AudiogenError(
+            f'compression_model_checkpoint={codec}: the codec always comes from the pretrained '
+            f'package ({cfg.pretrained}), the one its LM was trained on. Remove the override.'
+        )
     if int(cfg.optim.max_bad_steps) < 1:
-        raise AudiogenError(f"optim.max_bad_steps={cfg.optim.max_bad_steps}: it must be at least 1 (consecutive "
-                            "non-finite steps before the run stops).")
+        raise AudiogenError(
+            f'optim.max_bad_steps={cfg.optim.max_bad_steps}: it must be at least 1 (consecutive '
+            'non-finite steps before the run stops).'
+        )
 
 
 # Evaluation scores that can choose the best state (the codec scores are fixed for a run; clap_real too).
@@ -132,28 +140,33 @@ def _check_evaluation(cfg: omegaconf.DictConfig) -> None:
     stage, _, key = name.partition('/')
     settings = evaluation.EvalSettings.from_config(cfg)
     if stage == 'valid' and key != 'ce':
-        raise evaluation.MetricsError(f"checkpoint.best_metric={name}: the valid stage reports ce (valid/ce); "
-                                      "evaluation scores are evaluate/<key>.")
+        raise evaluation.MetricsError(
+            f'checkpoint.best_metric={name}: the valid stage reports ce (valid/ce); '
+            'evaluation scores are evaluate/<key>.'
+        )
     if stage == 'evaluate':
         if key not in BEST_EVALUATE_METRICS or key not in settings.metrics:
             raise evaluation.MetricsError(
-                f"checkpoint.best_metric={name}: evaluate/{key} is not computed; choose valid/ce or one of "
-                f"{', '.join('evaluate/' + k for k in BEST_EVALUATE_METRICS)} with evaluate.metrics.<key>=true.")
+                f'checkpoint.best_metric={name}: evaluate/{key} is not computed; choose valid/ce or one of '
+                f'{", ".join("evaluate/" + k for k in BEST_EVALUATE_METRICS)} with evaluate.metrics.<key>=true.'
+            )
         if key in evaluation.CLAP_METRICS and not settings.clap_model:
-            raise evaluation.MetricsError(f"checkpoint.best_metric={name} needs a CLAP model: set evaluate.clap.model "
-                                          "(an HF id or a local dir).")
+            raise evaluation.MetricsError(
+                f'checkpoint.best_metric={name} needs a CLAP model: set evaluate.clap.model (an HF id or a local dir).'
+            )
         if not cfg.evaluate.every:
             raise evaluation.MetricsError(
-                f"checkpoint.best_metric={name} needs an evaluation every few epochs: set evaluate.every (e.g. 1); "
-                "otherwise only the last epoch is evaluated.")
+                f'checkpoint.best_metric={name} needs an evaluation every few epochs: set evaluate.every (e.g. 1); '
+                'otherwise only the last epoch is evaluated.'
+            )
     elif stage not in ('valid', 'evaluate'):
-        raise evaluation.MetricsError(f"checkpoint.best_metric={name}: use valid/ce or evaluate/<key>.")
+        raise evaluation.MetricsError(f'checkpoint.best_metric={name}: use valid/ce or evaluate/<key>.')
     try:
         evaluation.check_models(cfg)
     except evaluation.MetricsError as err:
         if stage == 'evaluate':
             raise
-        logger.warning("%s The CLAP-based evaluation scores are skipped in this run.", err)
+        logger.warning('%s The CLAP-based evaluation scores are skipped in this run.', err)
         cfg.evaluate.clap.model = None
 
 
@@ -179,24 +192,33 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         package.check_and_merge(self.cfg, package.lm_config(self.package), self.cfg.pretrained)
         self.compression_model = package.load_compression_model(self.package, self.device)
         codec = self.compression_model
-        for key, ours, theirs in (('sample_rate', self.cfg.sample_rate, codec.sample_rate),
-                                  ('transformer_lm.card', self.cfg.transformer_lm.card, codec.cardinality),
-                                  ('transformer_lm.n_q', self.cfg.transformer_lm.n_q, codec.num_codebooks)):
+        for key, ours, theirs in (
+            ('sample_rate', self.cfg.sample_rate, codec.sample_rate),
+            ('transformer_lm.card', self.cfg.transformer_lm.card, codec.cardinality),
+            ('transformer_lm.n_q', self.cfg.transformer_lm.n_q, codec.num_codebooks),
+        ):
             if ours != theirs:
                 raise package.PackageError(
-                    f"{key}={ours} in the config but the codec of '{self.cfg.pretrained}' has {theirs}.")
-        self.logger.info("Codec: %d codebooks x %d bins at %d Hz frames, %d Hz audio.",
-                         codec.num_codebooks, codec.cardinality, codec.frame_rate, codec.sample_rate)
+                    f"{key}={ours} in the config but the codec of '{self.cfg.pretrained}' has {theirs}."
+                )
+        self.logger.info(
+            'Codec: %d codebooks x %d bins at %d Hz frames, %d Hz audio.',
+            codec.num_codebooks,
+            codec.cardinality,
+            codec.frame_rate,
+            codec.sample_rate,
+        )
         self.model: models.LMModel = lm.build_lm_model(self.cfg).to(self.device)
         self.lora: tp.Any = None  # the peft tuner when adapter=lora
         if adapters.enabled(self.cfg):
             self._build_adapters()
         elif self.cfg.freeze.first_layers or self.cfg.freeze.embeddings or self.cfg.freeze.conditioner:
-            self.logger.info("Frozen (freeze.*): %s", ', '.join(adapters.freeze(self.model, self.cfg)))
+            self.logger.info('Frozen (freeze.*): %s', ', '.join(adapters.freeze(self.model, self.cfg)))
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         trainable, total = adapters.count(self.model)
-        self.logger.info("Trainable parameters: %s of %s (%.2f%%).", f'{trainable:,}', f'{total:,}',
-                         100 * trainable / max(total, 1))
+        self.logger.info(
+            'Trainable parameters: %s of %s (%.2f%%).', f'{trainable:,}', f'{total:,}', 100 * trainable / max(total, 1)
+        )
         if self.lora is None:
             self.register_ema('model')
         else:  # the EMA, the checkpoint's `model` and the best state hold the adapters only
@@ -208,8 +230,9 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         warmup = self.cfg.schedule.get(name, {}).get('warmup') if name else None
         if name in ('cosine', 'polynomial_decay') and warmup is not None and warmup >= self.total_updates:
             raise ValueError(
-                f"schedule.{name}.warmup={warmup} must be below the {self.total_updates} updates of the run "
-                f"(optim.epochs x optim.updates_per_epoch): lower the warmup or train longer.")
+                f'schedule.{name}.warmup={warmup} must be below the {self.total_updates} updates of the run '
+                f'(optim.epochs x optim.updates_per_epoch): lower the warmup or train longer.'
+            )
         self.lr_scheduler = builders.get_lr_scheduler(self.optimizer, self.cfg.schedule, self.total_updates)
         self.register_stateful(*(['model'] if self.lora is None else []), 'optimizer', 'lr_scheduler')
         self.register_best_state('model')
@@ -230,14 +253,18 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         if not torch.allclose(before, after, rtol=0, atol=0, equal_nan=True):
             raise adapters.AdapterError(
                 f"LoRA changed the model's output before any training (max difference "
-                f"{(before - after).nan_to_num().abs().max().item():.3g}); this is a bug, please report it with "
-                "the config.")
+                f'{(before - after).nan_to_num().abs().max().item():.3g}); this is a bug, please report it with '
+                'the config.'
+            )
         adapters.hold_base_in(self.model, self.cfg.adapter.base_dtype, self.device)
         self.adapter = adapters.TrainableState(self.model)
         self.adapter_layout = adapters.layout(self.model)
-        self.logger.info("LoRA rank %d on %s: %d adapted weights; the output equals the base model's before the "
-                         "first step.", self.cfg.adapter.rank, ', '.join(self.cfg.adapter.targets),
-                         len(self.adapter_layout))
+        self.logger.info(
+            "LoRA rank %d on %s: %d adapted weights; the output equals the base model's before the first step.",
+            self.cfg.adapter.rank,
+            ', '.join(self.cfg.adapter.targets),
+            len(self.adapter_layout),
+        )
 
     @torch.no_grad()
     def _probe_logits(self) -> torch.Tensor:
@@ -249,7 +276,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             tokenized = provider.tokenize([ConditioningAttributes(text={'description': 'a dog barks in the rain'})])
             conditions = provider(tokenized)
             codes = torch.arange(4 * 8, device=self.device).reshape(1, 4, 8) % self.cfg.transformer_lm.card
-            codes = codes[:, :self.cfg.transformer_lm.n_q]
+            codes = codes[:, : self.cfg.transformer_lm.n_q]
             return self.model.compute_predictions(codes, [], conditions).logits.float().cpu()
         finally:
             self.model.train(was_training)
@@ -263,16 +290,18 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             holds_lora = any('.lora_' in key for key in (best.get('best_state') or {}).get('model', {}))
             if holds_lora != (self.lora is not None):
                 raise adapters.AdapterError(
-                    f"continue_from={self.cfg.continue_from}: that checkpoint holds "
-                    f"{'LoRA adapters' if self.lora is None else 'a full fine-tune'}, but this run is "
-                    f"{'a full fine-tune' if self.lora is None else 'a LoRA run'}. Export it (python -m "
-                    "scripts.export <sig> DIR --merge) and start from the export with pretrained=DIR instead.")
+                    f'continue_from={self.cfg.continue_from}: that checkpoint holds '
+                    f'{"LoRA adapters" if self.lora is None else "a full fine-tune"}, but this run is '
+                    f'{"a full fine-tune" if self.lora is None else "a LoRA run"}. Export it (python -m '
+                    'scripts.export <sig> DIR --merge) and start from the export with pretrained=DIR instead.'
+                )
             return best
         if self.lora is not None:
             if name != self.package:
                 raise adapters.AdapterError(
-                    f"continue_from={name}: a LoRA run takes its base from `pretrained` ({self.package}); to put "
-                    f"adapters over another package, pass pretrained={name} instead.")
+                    f'continue_from={name}: a LoRA run takes its base from `pretrained` ({self.package}); to put '
+                    f'adapters over another package, pass pretrained={name} instead.'
+                )
             return {'best_state': {'model': {k: v.clone() for k, v in self.adapter.state_dict().items()}}}
         pkg = self.package if name == self.package else package.resolve(name, base_dir=project.resolve_path('.'))
         return {'best_state': {'model': package.lm_state(pkg)}}
@@ -282,22 +311,30 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         super().initialize_ema()
         every, per_epoch = self.cfg.optim.ema.updates, self.train_updates_per_epoch
         if self.ema is not None and per_epoch and every > per_epoch:
-            self.logger.warning("optim.ema.updates=%d is longer than an epoch (%d updates): the EMA is stepped at "
-                                "the end of each epoch instead.", every, per_epoch)
+            self.logger.warning(
+                'optim.ema.updates=%d is longer than an epoch (%d updates): the EMA is stepped at '
+                'the end of each epoch instead.',
+                every,
+                per_epoch,
+            )
         if self.ema is not None:
             ema_step = self.ema.step
 
             def guarded_step() -> None:
                 if self._bad_steps == 0:
                     ema_step()
+
             self.ema.step = guarded_step  # type: ignore[method-assign]
 
     def _private_generators(self) -> dict[str, torch.Generator]:
         """Generators owned by modules (audiocraft's dropout modules seed their own), by module name."""
         if not hasattr(self, 'model'):
             return {}
-        return {name: module.rng for name, module in self.model.named_modules()
-                if isinstance(getattr(module, 'rng', None), torch.Generator)}
+        return {
+            name: module.rng
+            for name, module in self.model.named_modules()
+            if isinstance(getattr(module, 'rng', None), torch.Generator)
+        }
 
     # ---------------------------------------------------------------- data
     def build_dataloaders(self) -> None:
@@ -309,12 +346,13 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         """
         accum = self.cfg.optim.grad_accum_steps
         if accum < 1:
-            raise ValueError(f"optim.grad_accum_steps must be >= 1, got {accum}.")
+            raise ValueError(f'optim.grad_accum_steps must be >= 1, got {accum}.')
         train = self.cfg.dataset.train
         if train.num_samples is None and self.cfg.optim.updates_per_epoch:
             # Sample exactly the segments an epoch consumes (random files and offsets), whatever the dataset size.
-            train.num_samples = (flashy.distrib.world_size() * self.cfg.dataset.batch_size * accum
-                                 * self.cfg.optim.updates_per_epoch)
+            train.num_samples = (
+                flashy.distrib.world_size() * self.cfg.dataset.batch_size * accum * self.cfg.optim.updates_per_epoch
+            )
         covered = []
         for split in ('valid', 'evaluate', 'generate'):
             path = self.cfg.datasource.get(split)
@@ -347,10 +385,14 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             return
         if self._epochs_run == 0:
             self.logger.info(
-                "XP %s is complete: it trained all %d epochs before (%s). Nothing to do. To train on from its best "
-                "weights, start a new XP with continue_from=//sig/%s (and e.g. optim.epochs=N).",
-                self.xp.sig, self.cfg.optim.epochs, self.folder, self.xp.sig)
-        self.logger.info("Next:\n%s", '\n'.join(f'  {line}' for line in self.next_commands()))
+                'XP %s is complete: it trained all %d epochs before (%s). Nothing to do. To train on from its best '
+                'weights, start a new XP with continue_from=//sig/%s (and e.g. optim.epochs=N).',
+                self.xp.sig,
+                self.cfg.optim.epochs,
+                self.folder,
+                self.xp.sig,
+            )
+        self.logger.info('Next:\n%s', '\n'.join(f'  {line}' for line in self.next_commands()))
 
     def next_commands(self) -> list[str]:
         """The commands that use this XP (curves, generate, export, evaluate): see :func:`next_commands`."""
@@ -362,10 +404,12 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             if self._stop_signal == signal.SIGINT:  # the second Ctrl-C: the user wants out now
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
-            self.logger.warning("Received Ctrl-C: checkpointing at the next update, then stopping (Ctrl-C again to "
-                                "stop now, losing the updates since the last checkpoint).")
+            self.logger.warning(
+                'Received Ctrl-C: checkpointing at the next update, then stopping (Ctrl-C again to '
+                'stop now, losing the updates since the last checkpoint).'
+            )
         else:
-            self.logger.warning("Received %s: checkpointing at the next update, then stopping.", name)
+            self.logger.warning('Received %s: checkpointing at the next update, then stopping.', name)
         self._stop_signal = signum
 
     def _stop_if_signalled(self, saved: str) -> None:
@@ -373,8 +417,11 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         signum = self._stop_signal
         if signum is None:
             return
-        self.logger.warning("Stopping on %s; %s. Re-run the same command (SLURM requeues it) to resume.",
-                            signal.Signals(signum).name, saved)
+        self.logger.warning(
+            'Stopping on %s; %s. Re-run the same command (SLURM requeues it) to resume.',
+            signal.Signals(signum).name,
+            saved,
+        )
         handler = self._previous_handlers.get(signum)
         if callable(handler) and signum != signal.SIGINT:  # Python's SIGINT handler would raise a traceback
             handler(signum, None)  # submitit: checkpoint_and_try_requeue (USR2) requeues the job and exits
@@ -404,9 +451,12 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                 if self._stop_signal is not None:  # e.g. a Ctrl-C that reached the loader's workers too
                     self._stop_if_signalled(f'the {updates} trained updates of epoch {self.epoch} are checkpointed')
                 self.logger.error(
-                    "Epoch %d failed after its training (error below). Its %d trained updates are saved in %s: fix "
-                    "the cause, then re-run the same command to resume from there.", self.epoch, updates,
-                    self.folder / 'checkpoint_step.th')
+                    'Epoch %d failed after its training (error below). Its %d trained updates are saved in %s: fix '
+                    'the cause, then re-run the same command to resume from there.',
+                    self.epoch,
+                    updates,
+                    self.folder / 'checkpoint_step.th',
+                )
             raise
 
     def _run_stages(self) -> None:
@@ -433,7 +483,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         self._new_best_state = evaluation.is_new_best(self.history, self._pending_metrics, name)
         if self._new_best_state:
             stage, _, key = name.partition('/')
-            self.logger.info("New best state: %s=%.4f", name, self._pending_metrics[stage][key])
+            self.logger.info('New best state: %s=%.4f', name, self._pending_metrics[stage][key])
             for source in self.best_state.states.keys():
                 self.best_state.update(source, self._get_state_source(source))
 
@@ -457,7 +507,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         start = position.update
         if start:
             assert position.epoch_rng is not None and position.rng is not None
-            self.logger.info("Resuming epoch %d at update %d of %d.", self.epoch, start, updates)
+            self.logger.info('Resuming epoch %d at update %d of %d.', self.epoch, start, updates)
             self.rng.load_state_dict(position.epoch_rng)  # the loader draws its order and worker seeds from it
         else:
             position.epoch_rng = self.rng.state_dict()
@@ -513,7 +563,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             except Exception as err:
                 if self._stop_signal is None:
                     raise
-                self.logger.warning("The data loader stopped with the signal (%s).", str(err).splitlines()[0][:200])
+                self.logger.warning('The data loader stopped with the signal (%s).', str(err).splitlines()[0][:200])
                 return
             yield batch
 
@@ -527,25 +577,34 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         self.optimizer.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        gpu_gb = (torch.cuda.get_device_properties(self.device).total_memory / memory.GB
-                  if torch.cuda.is_available() and str(self.device).startswith('cuda') else 24.0)
+        gpu_gb = (
+            torch.cuda.get_device_properties(self.device).total_memory / memory.GB
+            if torch.cuda.is_available() and str(self.device).startswith('cuda')
+            else 24.0
+        )
         argv = list(getattr(getattr(self, 'xp', None), 'argv', []) or [])
-        lines = [f"Out of GPU memory in update {self.position.update + 1} of epoch {self.epoch} "
-                 f"({str(err).splitlines()[0][:160]})."]
+        lines = [
+            f'Out of GPU memory in update {self.position.update + 1} of epoch {self.epoch} '
+            f'({str(err).splitlines()[0][:160]}).'
+        ]
         try:
             lines.append(memory.format_plan(memory.plan(self.cfg, gpu_gb, argv), 'The planner expected'))
             fitted = memory.make_it_fit(argv, gpu_gb, project.compose)
         except Exception as plan_err:  # the advice must never hide the error itself
-            self.logger.debug("No memory plan: %s", plan_err)
+            self.logger.debug('No memory plan: %s', plan_err)
             fitted = None
         if fitted is not None:
-            lines.append("Re-run with: dora run " + shlex.join(fitted.overrides))
+            lines.append('Re-run with: dora run ' + shlex.join(fitted.overrides))
         else:
-            lines.append("Re-run with adapter=lora transformer_lm.checkpointing=torch, or a smaller dataset.batch_size "
-                         "with a larger optim.grad_accum_steps (python -m scripts.plan_memory shows what fits).")
+            lines.append(
+                'Re-run with adapter=lora transformer_lm.checkpointing=torch, or a smaller dataset.batch_size '
+                'with a larger optim.grad_accum_steps (python -m scripts.plan_memory shows what fits).'
+            )
         kept = self.checkpoint_path()
-        lines.append(f"Nothing was lost: {kept if kept.exists() else 'the XP folder'} holds the last checkpoint; "
-                     "a re-run with the same overrides resumes from it. Changing batch or adapter starts a new XP.")
+        lines.append(
+            f'Nothing was lost: {kept if kept.exists() else "the XP folder"} holds the last checkpoint; '
+            'a re-run with the same overrides resumes from it. Changing batch or adapter starts a new XP.'
+        )
         return AudiogenError('\n'.join(lines))
 
     def _step_ema(self, idx: int) -> None:
@@ -599,10 +658,10 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         # the optimizer moments, the EMA or the LR schedule.
         if not (torch.isfinite(grad_norm) and torch.isfinite(ce_total)):
             self._skip_step(idx, ce_total, grad_norm)
-            metrics['skipped'] = 1.
+            metrics['skipped'] = 1.0
         else:
             self._bad_steps = 0
-            metrics['skipped'] = 0.
+            metrics['skipped'] = 0.0
             metrics['lr'] = self.optimizer.param_groups[0]['lr']
             stepped = True
             if self.scaler is None:
@@ -631,13 +690,19 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         self._bad_steps += 1
         if self.scaler is not None:
             self.scaler.update()  # an fp16 overflow: lower the scale and try again next step
-        self.logger.warning("Non-finite %s at epoch %d update %d: step skipped (%d in a row).",
-                            'loss' if not torch.isfinite(ce) else 'gradient', self.epoch, idx + 1, self._bad_steps)
+        self.logger.warning(
+            'Non-finite %s at epoch %d update %d: step skipped (%d in a row).',
+            'loss' if not torch.isfinite(ce) else 'gradient',
+            self.epoch,
+            idx + 1,
+            self._bad_steps,
+        )
         if self._bad_steps >= self.cfg.optim.max_bad_steps:
             raise RuntimeError(
-                f"Training diverged: {self._bad_steps} consecutive non-finite steps, the last at epoch {self.epoch} "
-                f"update {idx + 1}. The last good checkpoint is {self.checkpoint_path()}. Lower optim.lr or "
-                "optim.max_norm, or use autocast_dtype=bfloat16, then re-run the same command to resume from it.")
+                f'Training diverged: {self._bad_steps} consecutive non-finite steps, the last at epoch {self.epoch} '
+                f'update {idx + 1}. The last good checkpoint is {self.checkpoint_path()}. Lower optim.lr or '
+                'optim.max_norm, or use autocast_dtype=bfloat16, then re-run the same command to resume from it.'
+            )
 
     def _log_update(self, idx: int, metrics: dict) -> None:
         """Per-update TensorBoard points, so curves show more than one value per epoch."""
@@ -645,8 +710,10 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         if tb is None or not flashy.distrib.is_rank_zero():
             return
         keys = ('ce', 'ppl', 'lr', 'grad_norm', 'tokens_per_s', 'mem_gb', 'skipped', 'grad_scale')
-        tb.log_update({key: metrics[key] for key in keys if key in metrics},
-                      (self.epoch - 1) * self.train_updates_per_epoch + idx + 1)
+        tb.log_update(
+            {key: metrics[key] for key in keys if key in metrics},
+            (self.epoch - 1) * self.train_updates_per_epoch + idx + 1,
+        )
 
     def init_tensorboard(self, **kwargs: tp.Any) -> None:
         """One TensorBoard run per XP, with ce/ppl curves first (see solvers/tensorboard.py).
@@ -681,9 +748,15 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         attributes = [ConditioningAttributes(text={'description': p}) for p in prompts]
         gen_len = math.ceil(duration * self.compression_model.frame_rate)
         with self.autocast:  # the fast decoder (solvers/fastgen.py): the same tokens as audiocraft's loop
-            tokens = fastgen.generate(self.model, None, attributes, max_gen_len=gen_len, num_samples=len(prompts),
-                                      decoder=str(self.cfg.generate.get('decoder') or 'fast'),
-                                      **self.generation_params)
+            tokens = fastgen.generate(
+                self.model,
+                None,
+                attributes,
+                max_gen_len=gen_len,
+                num_samples=len(prompts),
+                decoder=str(self.cfg.generate.get('decoder') or 'fast'),
+                **self.generation_params,
+            )
         audio = self.compression_model.decode(tokens, None).float().cpu()
         rtf = (time.time() - begin) / (duration * len(prompts))
         metrics = {'rtf': rtf}
@@ -694,8 +767,9 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         tb = self._tensorboard()
         for i, (prompt, wav) in enumerate(zip(prompts, audio)):
             wav = audio_io.normalize_loudness(wav, sample_rate, self.cfg.generate.loudness)
-            path = audio_io.write_audio(folder / f'{i:02d}_{audio_io.slugify(prompt, 40)}.wav', wav, sample_rate,
-                                        overwrite=True)
+            path = audio_io.write_audio(
+                folder / f'{i:02d}_{audio_io.slugify(prompt, 40)}.wav', wav, sample_rate, overwrite=True
+            )
             lufs.append(audio_io.loudness(wav, sample_rate))
             if tb is not None:
                 tb.log_audio(f'{i:02d}_{audio_io.slugify(prompt, 40)}', 'samples', wav, sample_rate, self.epoch)
@@ -723,8 +797,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             state['xp.cfg'] = omegaconf.OmegaConf.to_yaml(state['xp.cfg'])
         return state
 
-    def load_checkpoints(self, load_best: bool = False,
-                         ignore_state_keys: list[str] = []) -> dict | None:  # noqa: B006 (audiocraft's signature)
+    def load_checkpoints(self, load_best: bool = False, ignore_state_keys: list[str] = []) -> dict | None:  # noqa: B006 (audiocraft's signature)
         """Resume this XP, else start from `continue_from`, else from the pretrained package.
 
         Resuming reads the newest loadable of the step, last and epoch checkpoints (a corrupt one is skipped with a
@@ -734,8 +807,11 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         folder = self.folder
         stale = ckpt.clean_stale_tmp(folder) if flashy.distrib.is_rank_zero() else []
         if stale:
-            self.logger.warning("Removed %d temporary file(s) left by an interrupted save: %s",
-                                len(stale), ', '.join(p.name for p in stale))
+            self.logger.warning(
+                'Removed %d temporary file(s) left by an interrupted save: %s',
+                len(stale),
+                ', '.join(p.name for p in stale),
+            )
         candidates = self._resume_candidates()
         if candidates and not load_best:
             state = self._load_resume_state(candidates)
@@ -746,7 +822,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             # here; route every source through load_from_pretrained instead.
             source = self.cfg.continue_from or self.package
             if not str(source).startswith('//pretrained/'):
-                self.logger.info("New XP: initialising the LM from %s", source)
+                self.logger.info('New XP: initialising the LM from %s', source)
                 self.cfg.continue_from = f'//pretrained/{_continue_source(source, self.package)}'
         # audiocraft then notes "Ignoring 'load_best' and 'ignore_state_keys' params", about parameters no user set.
         quiet = _DropMessage("Loading a pretrained model. Ignoring 'load_best'")
@@ -771,25 +847,32 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                 state = ckpt.safe_load(path)
             except ckpt.CheckpointError as err:
                 errors.append(str(err))
-                self.logger.warning("%s Trying an older checkpoint.", err)
+                self.logger.warning('%s Trying an older checkpoint.', err)
                 continue
             update = (state.get('position') or {}).get('update', 0)
             if path.name == 'checkpoint_step.th' and len(state['history']) < self._last_epoch_on_disk(candidates):
                 continue  # a step checkpoint older than the last epoch checkpoint
             if errors:
-                self.logger.warning("Resuming from %s (epoch %d) instead of the unreadable checkpoint(s) above.",
-                                    path, len(state['history']) + 1)
+                self.logger.warning(
+                    'Resuming from %s (epoch %d) instead of the unreadable checkpoint(s) above.',
+                    path,
+                    len(state['history']) + 1,
+                )
             self._check_complete(state, path)
             for key in self.cfg.checkpoint.reset:
                 state.pop(key, None)
             if update:
-                self.logger.info("Resuming epoch %d at update %d from %s", len(state['history']) + 1, update, path)
+                self.logger.info('Resuming epoch %d at update %d from %s', len(state['history']) + 1, update, path)
             else:
-                self.logger.info("Loading existing checkpoint: %s", path)
+                self.logger.info('Loading existing checkpoint: %s', path)
             return state
         raise ckpt.CheckpointError(
-            "No loadable checkpoint in " + str(self.folder) + ":\n  " + "\n  ".join(errors) +
-            "\nRestore a checkpoint from a backup, or move these files away to restart this XP from scratch.")
+            'No loadable checkpoint in '
+            + str(self.folder)
+            + ':\n  '
+            + '\n  '.join(errors)
+            + '\nRestore a checkpoint from a backup, or move these files away to restart this XP from scratch.'
+        )
 
     def _last_epoch_on_disk(self, candidates: list[Path]) -> int:
         """Epochs completed according to the last/epoch checkpoints' history (0 when none is readable)."""
@@ -806,8 +889,9 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         reset = set(self.cfg.checkpoint.reset)
         unknown = reset - set(self.stateful.sources)
         if unknown:
-            raise ValueError(f"checkpoint.reset names unknown parts {sorted(unknown)}; "
-                             f"choose among {sorted(self.stateful.sources)}.")
+            raise ValueError(
+                f'checkpoint.reset names unknown parts {sorted(unknown)}; choose among {sorted(self.stateful.sources)}.'
+            )
         # `position` is absent from checkpoints written before it was registered: they hold whole epochs.
         optional = ('xp.cfg', 'xp.sig', 'fsdp_best_state', 'position')
         required = {name for name in self.stateful.sources if name not in optional}
@@ -816,8 +900,9 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         missing = sorted(required - set(state) - reset)
         if missing:
             raise ckpt.CheckpointError(
-                f"Checkpoint {path} lacks {', '.join(missing)}: resuming would silently restart them. To restart "
-                f"them on purpose, add checkpoint.reset=[{','.join(missing)}] to the command.")
+                f'Checkpoint {path} lacks {", ".join(missing)}: resuming would silently restart them. To restart '
+                f'them on purpose, add checkpoint.reset=[{",".join(missing)}] to the command.'
+            )
 
     def save_checkpoints(self) -> None:
         """Atomically write the last checkpoint, the best one on a new best, and epoch checkpoints every
@@ -835,11 +920,11 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             if not ckpt.is_disk_full(err, self.folder):
                 raise
             raise ckpt.CheckpointError(
-                f"The disk holding {self.folder} is full: saving epoch {epoch} failed ({ckpt.first_line(err)}). "
-                f"{ckpt.describe_kept(self.folder)} Free some space (a checkpoint of this XP takes about "
-                f"{ckpt.size_text(self.checkpoint_path())}), then re-run the same command: it resumes from there."
+                f'The disk holding {self.folder} is full: saving epoch {epoch} failed ({ckpt.first_line(err)}). '
+                f'{ckpt.describe_kept(self.folder)} Free some space (a checkpoint of this XP takes about '
+                f'{ckpt.size_text(self.checkpoint_path())}), then re-run the same command: it resumes from there.'
             ) from err
-        self.logger.info("Checkpoint saved to %s (epoch %d)", self.checkpoint_path(), epoch)
+        self.logger.info('Checkpoint saved to %s (epoch %d)', self.checkpoint_path(), epoch)
 
     def _write_checkpoints(self, epoch: int) -> None:
         state = self.state_dict()
@@ -849,11 +934,14 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             keep = self.cfg.checkpoint.keep_last
             if keep is not None and keep >= 0:
                 epochs = sorted(folder.glob('checkpoint_[0-9]*.th'), key=lambda p: int(p.stem.split('_')[1]))
-                for old in epochs[:max(0, len(epochs) - keep)]:
+                for old in epochs[: max(0, len(epochs) - keep)]:
                     atomic.remove(old)
         if self._new_best_state:
-            best = {key: state[key] for key in ('best_state', 'xp.cfg', 'xp.sig', 'history', 'adapter_layout')
-                    if key in state}
+            best = {
+                key: state[key]
+                for key in ('best_state', 'xp.cfg', 'xp.sig', 'history', 'adapter_layout')
+                if key in state
+            }
             atomic.save_torch(best, self.checkpoint_path_with_name('best'))
         if self.cfg.checkpoint.save_last:
             atomic.save_torch(state, self.checkpoint_path())
@@ -865,7 +953,8 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             return
         self.position.rng = self.rng.state_dict()
         atomic.save_torch(self.state_dict(), self.folder / 'checkpoint_step.th')
-        self.logger.info("Step checkpoint at epoch %d update %d", self.epoch, self.position.update)
+        self.logger.info('Step checkpoint at epoch %d update %d', self.epoch, self.position.update)
+
 
 def _continue_source(value: str, pretrained: str) -> str:
     """Resolve ``continue_from`` (//sig/<sig>, an XP folder, a checkpoint or a package) for load_from_pretrained."""
@@ -873,7 +962,7 @@ def _continue_source(value: str, pretrained: str) -> str:
         return value
     text = str(value)
     if text.startswith('//sig/'):
-        path = project.outputs_dir() / 'xps' / text[len('//sig/'):]
+        path = project.outputs_dir() / 'xps' / text[len('//sig/') :]
     else:
         path = project.resolve_path(text)
     if path.is_dir() and (path / 'checkpoint.th').is_file():
@@ -883,8 +972,9 @@ def _continue_source(value: str, pretrained: str) -> str:
     if path.is_dir() or package.is_hub_id(text):
         return text  # another pretrained package
     raise FileNotFoundError(
-        f"continue_from={text}: no checkpoint at {path}. Use //sig/<signature> of a past XP, an XP folder, a "
-        "checkpoint file or a pretrained package.")
+        f'continue_from={text}: no checkpoint at {path}. Use //sig/<signature> of a past XP, an XP folder, a '
+        'checkpoint file or a pretrained package.'
+    )
 
 
 class _ClipByIndex:
@@ -936,8 +1026,10 @@ def build_optimizer(model: torch.nn.Module, cfg: omegaconf.DictConfig) -> torch.
             groups.append({**group, 'params': params})
     if cfg.optimizer == 'adamw8bit':
         import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.adam.betas), eps=cfg.adam.eps,
-                                   weight_decay=cfg.adam.weight_decay)
+
+        return bnb.optim.AdamW8bit(
+            groups, lr=cfg.lr, betas=tuple(cfg.adam.betas), eps=cfg.adam.eps, weight_decay=cfg.adam.weight_decay
+        )
     return builders.get_optimizer(tp.cast(tp.Any, groups), cfg)  # audiocraft accepts groups (annotated too narrowly)
 
 
@@ -987,5 +1079,9 @@ def next_commands(cfg: omegaconf.DictConfig, sig: str, prompts: tp.Sequence[str]
     """
     prompts = sample_prompts(cfg) if prompts is None else prompts
     return project.next_commands(
-        sig, Path(str(cfg.datasource.train)).parent.name, str(cfg.pretrained), prompts[0] if prompts else None,
-        clap=bool(cfg.evaluate.clap.model))
+        sig,
+        Path(str(cfg.datasource.train)).parent.name,
+        str(cfg.pretrained),
+        prompts[0] if prompts else None,
+        clap=bool(cfg.evaluate.clap.model),
+    )

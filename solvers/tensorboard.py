@@ -13,6 +13,7 @@ This logger, a drop-in for flashy's, writes:
 Runs are indexed under ``<outputs>/tensorboard/<dataset>_<sig>`` (a link to the XP's own ``tensorboard/`` folder),
 so ``tensorboard --logdir outputs/tensorboard`` lists one readable run per XP.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,10 +76,12 @@ class CurvesLogger(TensorboardLogger):
     def writer(self) -> tp.Any:
         """The SummaryWriter, opened on first use on rank 0 (None on other ranks); pending hparams go in first."""
         import flashy
+
         if not flashy.distrib.is_rank_zero():
             return None
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
+
             self._writer = SummaryWriter(self._save_dir)
             file_writer = self._writer._get_file_writer()
             for summary in self._hparams:
@@ -145,7 +148,7 @@ def link_run(tb_dir: Path, outputs: Path, name: str) -> Path | None:
         tmp.symlink_to(tb_dir, target_is_directory=True)
         os.replace(tmp, link)
     except OSError as err:  # e.g. a filesystem without symlinks: the XP folder still has everything
-        logger.debug("No TensorBoard index link %s: %s", link, err)
+        logger.debug('No TensorBoard index link %s: %s', link, err)
         return None
     return link
 

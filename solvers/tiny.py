@@ -1,4 +1,5 @@
 """A tiny stand-in for facebook/audiogen-medium, in the same package layout, built offline in seconds."""
+
 from __future__ import annotations
 
 import os
@@ -17,17 +18,48 @@ TINY_CODEC = {
     'channels': 1,
     'device': 'cpu',
     'dtype': 'float32',
-    'encodec': {'autoencoder': 'seanet', 'quantizer': 'rvq', 'sample_rate': 16000, 'channels': 1,
-                'causal': False, 'renormalize': False},
-    'seanet': {'dimension': 32, 'channels': 1, 'causal': False, 'n_filters': 4, 'n_residual_layers': 1,
-               'ratios': [8, 5, 4, 2], 'activation': 'ELU', 'activation_params': {'alpha': 1.0},
-               'norm': 'weight_norm', 'norm_params': {}, 'kernel_size': 7, 'residual_kernel_size': 3,
-               'last_kernel_size': 7, 'dilation_base': 2, 'pad_mode': 'constant', 'true_skip': True,
-               'compress': 2, 'lstm': 0, 'disable_norm_outer_blocks': 0,
-               'decoder': {'trim_right_ratio': 1.0, 'final_activation': None, 'final_activation_params': None},
-               'encoder': {}},
-    'rvq': {'n_q': 4, 'q_dropout': False, 'bins': 256, 'decay': 0.99, 'kmeans_init': False, 'kmeans_iters': 50,
-            'threshold_ema_dead_code': 2, 'orthogonal_reg_weight': 0.0, 'orthogonal_reg_active_codes_only': False},
+    'encodec': {
+        'autoencoder': 'seanet',
+        'quantizer': 'rvq',
+        'sample_rate': 16000,
+        'channels': 1,
+        'causal': False,
+        'renormalize': False,
+    },
+    'seanet': {
+        'dimension': 32,
+        'channels': 1,
+        'causal': False,
+        'n_filters': 4,
+        'n_residual_layers': 1,
+        'ratios': [8, 5, 4, 2],
+        'activation': 'ELU',
+        'activation_params': {'alpha': 1.0},
+        'norm': 'weight_norm',
+        'norm_params': {},
+        'kernel_size': 7,
+        'residual_kernel_size': 3,
+        'last_kernel_size': 7,
+        'dilation_base': 2,
+        'pad_mode': 'constant',
+        'true_skip': True,
+        'compress': 2,
+        'lstm': 0,
+        'disable_norm_outer_blocks': 0,
+        'decoder': {'trim_right_ratio': 1.0, 'final_activation': None, 'final_activation_params': None},
+        'encoder': {},
+    },
+    'rvq': {
+        'n_q': 4,
+        'q_dropout': False,
+        'bins': 256,
+        'decay': 0.99,
+        'kmeans_init': False,
+        'kmeans_iters': 50,
+        'threshold_ema_dead_code': 2,
+        'orthogonal_reg_weight': 0.0,
+        'orthogonal_reg_active_codes_only': False,
+    },
 }
 
 

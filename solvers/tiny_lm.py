@@ -6,6 +6,7 @@ pretraining here is a plain loop over pre-encoded tokens with the LM's own condi
 dropout and the cross entropy the solver uses, so it takes about a minute; its result is cached by
 :mod:`solvers.build_cache`, and :func:`build_trained_package` writes it in facebook/audiogen-medium's file layout.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,17 +24,24 @@ from . import build_cache, demo_data, package, tiny, tiny_codec
 RECIPE: dict[str, tp.Any] = {
     'classes': demo_data.KNOWN_CLASSES,
     'seed': 11,
-    'clip_seed': 301,         # clips disjoint from the demo dataset (0), the classifier (101, 102) and the codec (201)
-    'clips_per_class': 32,    # 128 clips, every caption ~10 times
-    'segment_seconds': 4.0,   # the demo preset's segment (prepare_dataset: 90 % of the 1-4 s clips fit); padded
+    'clip_seed': 301,  # clips disjoint from the demo dataset (0), the classifier (101, 102) and the codec (201)
+    'clips_per_class': 32,  # 128 clips, every caption ~10 times
+    'segment_seconds': 4.0,  # the demo preset's segment (prepare_dataset: 90 % of the 1-4 s clips fit); padded
     'steps': 500,
     'batch_size': 16,
-    'lr': 2e-3,               # AdamW, cosine to 10 %; high because the model is tiny and the run short
+    'lr': 2e-3,  # AdamW, cosine to 10 %; high because the model is tiny and the run short
     'warmup': 40,
 }
 # The config keys that shape the LM (hashed into the cache key; data paths and devices don't matter).
-ARCH_KEYS = ('transformer_lm', 'codebooks_pattern', 'conditioners', 'fuser', 'classifier_free_guidance',
-             'attribute_dropout', 'lm_model')
+ARCH_KEYS = (
+    'transformer_lm',
+    'codebooks_pattern',
+    'conditioners',
+    'fuser',
+    'classifier_free_guidance',
+    'attribute_dropout',
+    'lm_model',
+)
 
 
 def lm_config() -> DictConfig:
@@ -52,7 +60,7 @@ def encode_bank(codec, recipe: dict) -> tuple[torch.Tensor, list[str]]:
     codes = []
     with torch.no_grad():
         for start in range(0, len(wavs), 16):
-            x = torch.from_numpy(np.stack(wavs[start:start + 16]))[:, None]
+            x = torch.from_numpy(np.stack(wavs[start : start + 16]))[:, None]
             codes.append(codec.encode(x)[0])
     return torch.cat(codes), captions
 
@@ -84,6 +92,7 @@ def pretrain(recipe: dict, codec_state: dict, log: tp.Callable[[str], None] = pr
             if step < warmup:
                 return (step + 1) / warmup
             return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
         lm.train()
         for step in range(steps):
@@ -95,7 +104,7 @@ def pretrain(recipe: dict, codec_state: dict, log: tp.Callable[[str], None] = pr
             opt.step()
             schedule.step()
             if (step + 1) % 100 == 0:
-                log(f"  LM step {step + 1}/{steps}: ce {loss.item():.3f}")
+                log(f'  LM step {step + 1}/{steps}: ce {loss.item():.3f}')
         lm.eval()
     return {'best_state': {k: v.detach().clone() for k, v in lm.state_dict().items()}}
 
@@ -104,10 +113,18 @@ def pretrained(recipe: dict = RECIPE) -> tuple[dict, dict]:
     """The trained codec's state and the pretrained LM's state, from the cache (built on first use)."""
     codec_state = tiny_codec.trained()
     cfg = lm_config()
-    key = {**recipe, 'codec': tiny_codec.RECIPE,
-           'lm': OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in ARCH_KEYS if k in cfg]), resolve=True)}
-    state = build_cache.load_or_build('tiny_lm', key, [sys.modules[__name__], tiny_codec, demo_data],
-                                      lambda: pretrain(recipe, codec_state), 'the pretrained tiny LM')
+    key = {
+        **recipe,
+        'codec': tiny_codec.RECIPE,
+        'lm': OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in ARCH_KEYS if k in cfg]), resolve=True),
+    }
+    state = build_cache.load_or_build(
+        'tiny_lm',
+        key,
+        [sys.modules[__name__], tiny_codec, demo_data],
+        lambda: pretrain(recipe, codec_state),
+        'the pretrained tiny LM',
+    )
     return codec_state, state
 
 

@@ -4,6 +4,7 @@ Seeds, logging, distributed init, then builds the fine-tuning solver and runs it
 solver from a past XP for notebooks and the export/generate scripts. Mistakes a user can fix (an unknown key or
 preset, a missing dataset or package, no GPU for device=cuda, a full disk) end the run with one line, not a traceback.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,24 +33,28 @@ def get_solver(cfg: omegaconf.DictConfig):
 
     from .dataprep import read_manifest
     from .solver import AudioGenFinetuneSolver
+
     if str(cfg.device).startswith('cuda') and not torch.cuda.is_available():
         raise AudiogenError(
-            f"device={cfg.device}, but torch sees no CUDA GPU on this machine. Run on a GPU machine (or on SLURM, "
-            "docs/cluster.md); on a CPU, train the tiny stand-in on your data with `dora run solver=audiogen/tiny "
-            "dataset=NAME`.")
+            f'device={cfg.device}, but torch sees no CUDA GPU on this machine. Run on a GPU machine (or on SLURM, '
+            'docs/cluster.md); on a CPU, train the tiny stand-in on your data with `dora run solver=audiogen/tiny '
+            'dataset=NAME`.'
+        )
     world = flashy.distrib.world_size()
     if cfg.dataset.batch_size % world:
-        raise AudiogenError(
-            f"dataset.batch_size={cfg.dataset.batch_size} must be divisible by the {world} processes.")
+        raise AudiogenError(f'dataset.batch_size={cfg.dataset.batch_size} must be divisible by the {world} processes.')
     cfg.dataset.batch_size //= world
     if not cfg.pretrained:
-        raise AudiogenError("No pretrained package: pass pretrained=<HF id such as facebook/audiogen-medium, or a "
-                            "package directory> (model=from_package takes the architecture from it).")
+        raise AudiogenError(
+            'No pretrained package: pass pretrained=<HF id such as facebook/audiogen-medium, or a '
+            'package directory> (model=from_package takes the architecture from it).'
+        )
     if not cfg.datasource.train or not cfg.datasource.valid:
         raise AudiogenError(
-            "No dataset chosen: datasource.train/valid are empty. Prepare your sounds with "
-            "`python -m scripts.prepare_dataset DIR --name NAME`, then add dataset=NAME to the command "
-            "(dataset=demo after `make demo`).")
+            'No dataset chosen: datasource.train/valid are empty. Prepare your sounds with '
+            '`python -m scripts.prepare_dataset DIR --name NAME`, then add dataset=NAME to the command '
+            '(dataset=demo after `make demo`).'
+        )
     # Hydra runs us inside the XP folder, so relative manifest paths must not depend on the cwd.
     for split, path in cfg.datasource.items():
         if isinstance(path, str):
@@ -59,8 +64,12 @@ def get_solver(cfg: omegaconf.DictConfig):
     return AudioGenFinetuneSolver(cfg)
 
 
-def get_solver_from_xp(xp: XP, load_best: bool = True, ignore_state_keys: tp.Sequence[str] = ('optimizer', 'ema'),
-                       override_cfg: dict | None = None):
+def get_solver_from_xp(
+    xp: XP,
+    load_best: bool = True,
+    ignore_state_keys: tp.Sequence[str] = ('optimizer', 'ema'),
+    override_cfg: dict | None = None,
+):
     """Rebuild the solver of a past XP and restore its checkpoint (the best weights by default)."""
     cfg = xp.cfg if override_cfg is None else omegaconf.OmegaConf.merge(xp.cfg, override_cfg)
     with xp.enter():
@@ -98,12 +107,14 @@ class _Main(HydraMain):
     def get_xp(self, argv: tp.Sequence[str]) -> XP:
         """Dora's XP for ``argv``; a required value left at ``???`` is named with the fix."""
         from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
         try:
             return super().get_xp(argv)
         except (MissingMandatoryValue, InterpolationToMissingValueError) as err:
             key = getattr(err, 'full_key', None) or str(err).split(':')[-1].strip().split()[0]
-            raise AudiogenError(f"The config key {key} has no value (???): add {key}=... to the command "
-                                "(e.g. dataset.batch_size=8).") from None
+            raise AudiogenError(
+                f'The config key {key} has no value (???): add {key}=... to the command (e.g. dataset.batch_size=8).'
+            ) from None
 
 
 def _train(cfg: omegaconf.DictConfig) -> tp.Any:
@@ -123,7 +134,7 @@ def _train(cfg: omegaconf.DictConfig) -> tp.Any:
             return
         return solver.run()
     except AudiogenError as err:
-        logger.error("%s", err)  # one line, in the XP's solver.log too
+        logger.error('%s', err)  # one line, in the XP's solver.log too
         raise SystemExit(2) from None
 
 

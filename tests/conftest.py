@@ -2,6 +2,7 @@
 
 Everything is built offline in temporary folders; XP folders go to a temporary AUDIOGEN_OUTPUTS.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,13 +26,20 @@ def subprocess_env(outputs: Path | None = None) -> dict[str, str]:
     return env
 
 
-def run_dora(args: tp.Sequence[str], outputs: Path, check: bool = True, timeout: float = 600,
-             command: str = 'run') -> subprocess.CompletedProcess:
+def run_dora(
+    args: tp.Sequence[str], outputs: Path, check: bool = True, timeout: float = 600, command: str = 'run'
+) -> subprocess.CompletedProcess:
     """`python -m dora <command> <args>` from the project root, as a user would run it."""
-    proc = subprocess.run([sys.executable, '-m', 'dora', command, *args], cwd=ROOT, env=subprocess_env(outputs),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'dora', command, *args],
+        cwd=ROOT,
+        env=subprocess_env(outputs),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"dora {command} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+        raise AssertionError(f'dora {command} {" ".join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}')
     return proc
 
 
@@ -39,6 +47,7 @@ def run_dora(args: tp.Sequence[str], outputs: Path, check: bool = True, timeout:
 def tiny_package(tmp_path_factory) -> Path:
     """A tiny random package in facebook/audiogen-medium's layout."""
     from solvers.tiny import build_tiny_package
+
     return build_tiny_package(tmp_path_factory.mktemp('pretrained') / 'tiny', seed=0)
 
 
@@ -46,11 +55,28 @@ def tiny_package(tmp_path_factory) -> Path:
 def tiny_dataset(tmp_path_factory) -> dict[str, Path]:
     """The demo sounds (3 per class), prepared by scripts/prepare_dataset.py into temporary egs/ and config/."""
     from solvers.demo_data import make_demo_dataset
+
     base = tmp_path_factory.mktemp('dataset')
     make_demo_dataset(base / 'raw', seed=0, per_class=3)
-    command = [sys.executable, '-m', 'scripts.prepare_dataset', str(base / 'raw'), '--name', 'tiny',
-               '--out', str(base / 'prep'), '--egs-root', str(base / 'egs'), '--config-root', str(base / 'config'),
-               '--workers', '1', '--no-progress', '--valid-fraction', '0.25']
+    command = [
+        sys.executable,
+        '-m',
+        'scripts.prepare_dataset',
+        str(base / 'raw'),
+        '--name',
+        'tiny',
+        '--out',
+        str(base / 'prep'),
+        '--egs-root',
+        str(base / 'egs'),
+        '--config-root',
+        str(base / 'config'),
+        '--workers',
+        '1',
+        '--no-progress',
+        '--valid-fraction',
+        '0.25',
+    ]
     proc = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {'train': base / 'egs' / 'tiny' / 'train', 'valid': base / 'egs' / 'tiny' / 'valid', 'root': base}
@@ -60,10 +86,20 @@ def tiny_dataset(tmp_path_factory) -> dict[str, Path]:
 def demo_overrides(tiny_package, tiny_dataset) -> list[str]:
     """Overrides that point the tiny-on-your-data solver at the session's package and dataset, with a very short
     schedule and 2 micro-batches per update (accumulation on the path every test takes)."""
-    return ['solver=audiogen/tiny', f'pretrained={tiny_package}', f"datasource.train={tiny_dataset['train']}",
-            f"datasource.valid={tiny_dataset['valid']}", 'optim.epochs=2', 'optim.updates_per_epoch=4',
-            'dataset.batch_size=4', 'dataset.segment_duration=1.0', 'optim.grad_accum_steps=2', 'generate.duration=1.0',
-            'schedule.cosine.warmup=2', 'dataset.num_workers=0']
+    return [
+        'solver=audiogen/tiny',
+        f'pretrained={tiny_package}',
+        f'datasource.train={tiny_dataset["train"]}',
+        f'datasource.valid={tiny_dataset["valid"]}',
+        'optim.epochs=2',
+        'optim.updates_per_epoch=4',
+        'dataset.batch_size=4',
+        'dataset.segment_duration=1.0',
+        'optim.grad_accum_steps=2',
+        'generate.duration=1.0',
+        'schedule.cosine.warmup=2',
+        'dataset.num_workers=0',
+    ]
 
 
 @pytest.fixture(scope='session')

@@ -1,4 +1,5 @@
 """LoRA adapters, freezing and the other memory levers, on the tiny package (same custom attention as medium)."""
+
 from __future__ import annotations
 
 import io
@@ -18,6 +19,7 @@ LORA = ['adapter=lora', 'schedule.cosine.warmup=0']
 def plain_lm(pkg) -> torch.nn.Module:
     """The package's LM as plain audiocraft builds it (no adapters), in eval mode."""
     from solvers.lm import build_lm_model
+
     cfg = package.lm_config(str(pkg))
     cfg.device, cfg.dtype = 'cpu', 'float32'
     lm = build_lm_model(cfg)
@@ -49,8 +51,13 @@ def test_lora_starts_equal_to_the_base_and_only_adapters_train(in_xp, demo_overr
     wrapped = type(solver.model.transformer.layers[0].self_attn).__name__
     assert wrapped == 'ParamWrapper', wrapped
     # Before the first step the adapted model computes exactly what the base model computes.
-    assert torch.allclose(logits(solver.model, solver, audio, infos), logits(plain_lm(tiny_package), solver, audio,
-                                                                             infos), rtol=0, atol=0, equal_nan=True)
+    assert torch.allclose(
+        logits(solver.model, solver, audio, infos),
+        logits(plain_lm(tiny_package), solver, audio, infos),
+        rtol=0,
+        atol=0,
+        equal_nan=True,
+    )
     before = {k: v.clone() for k, v in solver.model.state_dict().items()}
     with stage(solver, 'train'):
         solver.run_step(0, [(audio, infos)], {})
@@ -89,8 +96,9 @@ def test_dropout_applies_to_linear_targets_and_qkv_keeps_its_own_adapter(in_xp, 
 
 def test_merged_state_equals_the_adapter_model(in_xp, demo_overrides, tiny_package):
     """merge_state (W += scaling B A, no model build) gives the same logits as peft's unmerged forward."""
-    solver = in_xp(demo_overrides + LORA + ['adapter.targets=[self_qkv,cross_qkv,self_out,cross_out,ffn,heads,'
-                                            'text_proj]'])
+    solver = in_xp(
+        demo_overrides + LORA + ['adapter.targets=[self_qkv,cross_qkv,self_out,cross_out,ffn,heads,text_proj]']
+    )
     solver.restore()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -98,18 +106,20 @@ def test_merged_state_equals_the_adapter_model(in_xp, demo_overrides, tiny_packa
             param.normal_(0, 0.05)  # non-zero A and B: a trained adapter
     audio, infos = one_batch(solver, 3)
     expected = logits(solver.model, solver, audio, infos)
-    merged = adapters.merge_state(package.lm_state(str(tiny_package)), solver.adapter.state_dict(),
-                                  solver.adapter_layout)
+    merged = adapters.merge_state(
+        package.lm_state(str(tiny_package)), solver.adapter.state_dict(), solver.adapter_layout
+    )
     lm = plain_lm(tiny_package)
     lm.load_state_dict(merged)
     assert torch.allclose(logits(lm, solver, audio, infos), expected, atol=1e-5, equal_nan=True)
-    assert not torch.allclose(logits(plain_lm(tiny_package), solver, audio, infos), expected, atol=1e-3,
-                              equal_nan=True)
+    assert not torch.allclose(logits(plain_lm(tiny_package), solver, audio, infos), expected, atol=1e-3, equal_nan=True)
 
 
 def test_freezing_keeps_the_chosen_parts(in_xp, demo_overrides):
-    solver = in_xp(demo_overrides + ['schedule.cosine.warmup=0', 'freeze.first_layers=1', 'freeze.embeddings=true',
-                                     'freeze.conditioner=true'])
+    solver = in_xp(
+        demo_overrides
+        + ['schedule.cosine.warmup=0', 'freeze.first_layers=1', 'freeze.embeddings=true', 'freeze.conditioner=true']
+    )
     solver.restore()
     before = {k: v.clone() for k, v in solver.model.state_dict().items()}
     audio, infos = one_batch(solver, 4)
@@ -122,7 +132,8 @@ def test_freezing_keeps_the_chosen_parts(in_xp, demo_overrides):
     # Everything else trains (norm_cross gets no gradient here: one condition token makes cross-attention
     # independent of its query).
     assert {k for k in before if not k.startswith(frozen) and 'norm_cross' not in k} == moved - {
-        k for k in moved if 'norm_cross' in k}
+        k for k in moved if 'norm_cross' in k
+    }
     optimized = sum(p.numel() for g in solver.optimizer.param_groups for p in g['params'])
     assert optimized == adapters.count(solver.model)[0]
 
@@ -131,8 +142,15 @@ def test_activation_checkpointing_gives_the_same_gradients(in_xp, demo_overrides
     grads = []
     for mode in ('none', 'torch'):
         torch.manual_seed(0)  # the same random LoRA A matrices in both runs
-        solver = in_xp(demo_overrides + LORA + [f'transformer_lm.checkpointing={mode}',
-                                                 'classifier_free_guidance.training_dropout=0', 'adapter.dropout=0'])
+        solver = in_xp(
+            demo_overrides
+            + LORA
+            + [
+                f'transformer_lm.checkpointing={mode}',
+                'classifier_free_guidance.training_dropout=0',
+                'adapter.dropout=0',
+            ]
+        )
         solver.restore()
         audio, infos = one_batch(solver, 4)
         captured = {}
@@ -141,6 +159,7 @@ def test_activation_checkpointing_gives_the_same_gradients(in_xp, demo_overrides
         def spy(*args, captured=captured, solver=solver, step=step, **kwargs):
             captured.update({n: p.grad.clone() for n, p in solver.adapter.named_parameters()})
             return step(*args, **kwargs)
+
         solver.optimizer.step = spy
         with stage(solver, 'train'):
             solver.run_step(0, [(audio, infos)], {})
@@ -161,12 +180,15 @@ def test_eight_bit_adamw_steps_and_keeps_8_bit_moments(in_xp, demo_overrides):
     assert moments and any(m.dtype == torch.uint8 for m in moments)
 
 
-@pytest.mark.parametrize('override, message', [
-    ('fsdp.use=true', 'fsdp.use=true is not supported'),
-    ('optim.eager_sync=true', 'optim.eager_sync=true all-reduces gradients during the backward'),
-    ('adapter.targets=[qkv]', 'adapter.targets=[\'qkv\']: choose among'),
-    ('adapter.rank=0', 'adapter.rank=0 must be a positive integer'),
-])
+@pytest.mark.parametrize(
+    'override, message',
+    [
+        ('fsdp.use=true', 'fsdp.use=true is not supported'),
+        ('optim.eager_sync=true', 'optim.eager_sync=true all-reduces gradients during the backward'),
+        ('adapter.targets=[qkv]', "adapter.targets=['qkv']: choose among"),
+        ('adapter.rank=0', 'adapter.rank=0 must be a positive integer'),
+    ],
+)
 def test_settings_that_cant_be_honoured_are_refused_by_name(in_xp, demo_overrides, override, message):
     extra = LORA if override.startswith('adapter') else ['optim.grad_accum_steps=2']
     with pytest.raises(AudiogenError, match=message.replace('[', r'\[').replace(']', r'\]')):
@@ -175,6 +197,7 @@ def test_settings_that_cant_be_honoured_are_refused_by_name(in_xp, demo_override
 
 def test_lora_over_the_non_custom_attention_is_refused_for_qkv(in_xp, demo_overrides, tmp_path):
     from solvers.tiny import build_tiny_package
+
     pkg = build_tiny_package(tmp_path / 'plain_mha', overrides=('transformer_lm.memory_efficient=false',))
     with pytest.raises(AudiogenError, match='transformer_lm.memory_efficient=true'):
         in_xp(demo_overrides + LORA + [f'pretrained={pkg}', 'transformer_lm.memory_efficient=false'])
@@ -184,9 +207,18 @@ def test_lora_over_the_non_custom_attention_is_refused_for_qkv(in_xp, demo_overr
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
 def test_lora_step_on_cuda_with_the_base_in_half_precision(in_xp, demo_overrides, dtype):
-    solver = in_xp(demo_overrides + LORA + ['device=cuda', 'autocast=true', f'autocast_dtype={dtype}',
-                                            f'adapter.base_dtype={dtype}', 'optim.ema.device=cpu',
-                                            'optim.optimizer=adamw8bit'])
+    solver = in_xp(
+        demo_overrides
+        + LORA
+        + [
+            'device=cuda',
+            'autocast=true',
+            f'autocast_dtype={dtype}',
+            f'adapter.base_dtype={dtype}',
+            'optim.ema.device=cpu',
+            'optim.optimizer=adamw8bit',
+        ]
+    )
     solver.restore()
     frozen = [p for p in solver.model.parameters() if not p.requires_grad and p.is_floating_point()]
     assert frozen and all(p.dtype == getattr(torch, dtype) for p in frozen)
@@ -203,6 +235,7 @@ def test_lora_step_on_cuda_with_the_base_in_half_precision(in_xp, demo_overrides
 def lora_xp(tmp_path_factory, demo_overrides) -> dict:
     """A LoRA fine-tune of the tiny package through `dora run ... adapter=lora`."""
     from conftest import run_dora
+
     outputs = tmp_path_factory.mktemp('lora_outputs')
     run_dora(demo_overrides + ['adapter=lora'], outputs)
     (folder,) = list((outputs / 'xps').iterdir())
@@ -228,10 +261,25 @@ def test_lora_run_checkpoints_megabytes_and_exports_both_ways(lora_xp, trained_x
     assert export_cli.main([sig, str(tmp_path / 'adapters')]) == 0
     assert (tmp_path / 'adapters' / package.ADAPTER_FILE).is_file()
     assert not (tmp_path / 'adapters' / package.LM_FILE).exists()
-    lm_bytes = (Path(package.base_of(str(tmp_path / "adapters"))) / package.LM_FILE).stat().st_size
+    lm_bytes = (Path(package.base_of(str(tmp_path / 'adapters'))) / package.LM_FILE).stat().st_size
     assert (tmp_path / 'adapters' / package.ADAPTER_FILE).stat().st_size < 0.5 * lm_bytes
-    assert generate_cli.main(['a dog barking', '--model', str(tmp_path / 'adapters'), '--batch_size', '2',
-                              '--duration', '0.5', '--out', str(tmp_path / 'out'), '--no-progress']) == 0
+    assert (
+        generate_cli.main(
+            [
+                'a dog barking',
+                '--model',
+                str(tmp_path / 'adapters'),
+                '--batch_size',
+                '2',
+                '--duration',
+                '0.5',
+                '--out',
+                str(tmp_path / 'out'),
+                '--no-progress',
+            ]
+        )
+        == 0
+    )
     assert len(list((tmp_path / 'out').rglob('*.wav'))) == 2
 
     # --merge: a standard package that plain audiocraft loads, with the greedy tokens of the adapter model.
@@ -243,12 +291,14 @@ def test_lora_run_checkpoints_megabytes_and_exports_both_ways(lora_xp, trained_x
     solver = train.get_solver_from_sig(sig)  # the best adapters over the base, unmerged (peft's forward)
     solver.model.eval()
     attributes = [ConditioningAttributes(text={'description': p}) for p in prompts]
-    solver_tokens = solver.model.generate(None, attributes, max_gen_len=merged_tokens.shape[-1],
-                                          use_sampling=False, cfg_coef=3.0)
+    solver_tokens = solver.model.generate(
+        None, attributes, max_gen_len=merged_tokens.shape[-1], use_sampling=False, cfg_coef=3.0
+    )
     assert torch.equal(merged_tokens, solver_tokens)
     # The adapter export and the XP signature load the same merged weights as the --merge package.
     for spec in (str(tmp_path / 'adapters'), sig):
         from solvers import generation
+
         other = generation.load_model(generation.resolve_model(spec), 'cpu')
         for key, value in model.lm.state_dict().items():
             assert torch.equal(other.lm.state_dict()[key], value), (spec, key)

@@ -1,4 +1,5 @@
 """solvers/atomic.py: the one writer of files, whole or not at all."""
+
 from __future__ import annotations
 
 import json

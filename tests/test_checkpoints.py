@@ -1,4 +1,5 @@
 """Issue 5: checkpoints that never lose work, exact resume, the divergence guard and data parallel."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ def xp_folder(outputs: Path) -> Path:
 
 def comparable_history(history: list) -> list:
     """The metrics history without wall-clock-dependent values."""
-    return [{stage: {k: v for k, v in metrics.items() if k not in TIMING_KEYS} for stage, metrics in epoch.items()}
-            for epoch in history]
+    return [
+        {stage: {k: v for k, v in metrics.items() if k not in TIMING_KEYS} for stage, metrics in epoch.items()}
+        for epoch in history
+    ]
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:
@@ -97,6 +100,7 @@ def test_pickle_payloads_are_refused_and_never_run(tmp_path):
 
 def test_stock_audiocraft_checkpoints_with_a_pickled_config_load(tmp_path):
     from omegaconf import OmegaConf
+
     path = tmp_path / 'checkpoint.th'
     torch.save({'xp.cfg': OmegaConf.create({'a': 1, 'b': [1, 'x']}), 'model': {'w': torch.ones(1)}}, path)
     assert ckpt.safe_load(path)['xp.cfg'].b[1] == 'x'
@@ -113,6 +117,7 @@ def test_rng_state_round_trips():
 
 def test_divergence_guard_stops_with_the_last_good_checkpoint(in_xp, demo_overrides):
     from test_solver import one_batch, stage
+
     solver = in_xp(demo_overrides + ['optim.max_bad_steps=2'])
     solver.restore()
     batch = one_batch(solver, 4)
@@ -128,8 +133,14 @@ def test_divergence_guard_stops_with_the_last_good_checkpoint(in_xp, demo_overri
 @pytest.fixture(scope='module')
 def short_run(demo_overrides):
     """3 epochs with epoch checkpoints every epoch, keeping 2."""
-    return demo_overrides + ['optim.epochs=3', 'optim.updates_per_epoch=2', 'checkpoint.save_every=1',
-                             'checkpoint.keep_last=2', 'generate.every=100', 'generate.prompts=[a dog barking]']
+    return demo_overrides + [
+        'optim.epochs=3',
+        'optim.updates_per_epoch=2',
+        'checkpoint.save_every=1',
+        'checkpoint.keep_last=2',
+        'generate.every=100',
+        'generate.prompts=[a dog barking]',
+    ]
 
 
 @pytest.mark.slow
@@ -144,7 +155,7 @@ def test_retention_corruption_strictness_and_stale_files(tmp_path, short_run):
     # A truncated last checkpoint: resume falls back to the newest epoch checkpoint, with a warning.
     last = folder / 'checkpoint.th'
     data = last.read_bytes()
-    last.write_bytes(data[:len(data) // 3])
+    last.write_bytes(data[: len(data) // 3])
     (folder / 'checkpoint.th.x1y2.tmp').write_bytes(b'left by a crash')
     proc = run_dora(short_run + ['optim.epochs=3'], outputs)
     log = proc.stderr + proc.stdout
@@ -178,8 +189,15 @@ def test_missing_state_fails_loudly_unless_reset(tmp_path, short_run):
 
 def _run_killed(args: list[str], outputs: Path, kill_at: int) -> None:
     """Start `dora run`, SIGKILL it once `kill_at` step/epoch checkpoints were written, then re-run to the end."""
-    proc = subprocess.Popen([sys.executable, '-m', 'dora', 'run', *args], cwd=ROOT, env=subprocess_env(outputs),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'dora', 'run', *args],
+        cwd=ROOT,
+        env=subprocess_env(outputs),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     seen, deadline = 0, time.time() + 300
     try:
         marks = set()
@@ -195,14 +213,20 @@ def _run_killed(args: list[str], outputs: Path, kill_at: int) -> None:
             time.sleep(0.02)
     finally:
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
     run_dora(args, outputs)
 
 
 @pytest.fixture(scope='module')
 def resume_args(demo_overrides):
-    return demo_overrides + ['optim.epochs=2', 'optim.updates_per_epoch=6', 'checkpoint.save_every_updates=2',
-                             'generate.every=100', 'generate.prompts=[a dog barking]', 'generate.duration=0.5']
+    return demo_overrides + [
+        'optim.epochs=2',
+        'optim.updates_per_epoch=6',
+        'checkpoint.save_every_updates=2',
+        'generate.every=100',
+        'generate.prompts=[a dog barking]',
+        'generate.duration=0.5',
+    ]
 
 
 @pytest.fixture(scope='module')
@@ -227,9 +251,15 @@ def test_exact_resume_after_sigkill(tmp_path, resume_args, uninterrupted, worker
 
 @pytest.mark.slow
 def test_two_process_data_parallel_matches_one(tmp_path, demo_overrides):
-    args = demo_overrides + ['optim.epochs=1', 'optim.updates_per_epoch=3', 'dataset.train.shuffle=false',
-                             'classifier_free_guidance.training_dropout=0', 'generate.every=100',
-                             'generate.prompts=[]', 'optim.ema.use=false']
+    args = demo_overrides + [
+        'optim.epochs=1',
+        'optim.updates_per_epoch=3',
+        'dataset.train.shuffle=false',
+        'classifier_free_guidance.training_dropout=0',
+        'generate.every=100',
+        'generate.prompts=[]',
+        'optim.ema.use=false',
+    ]
     run_dora(args, tmp_path / 'one')
     proc = run_dora(['-d', '--ddp_workers', '2', *args], tmp_path / 'two', timeout=600)
     assert 'world_size is 2' in proc.stderr + proc.stdout or (tmp_path / 'two').exists()
@@ -249,8 +279,14 @@ def test_preemption_signal_checkpoints_then_resume_is_exact(tmp_path, resume_arg
     an uninterrupted run does."""
     outputs = tmp_path / 'outputs'
     args = resume_args + ['dataset.num_workers=0', 'checkpoint.save_every_updates=null']
-    proc = subprocess.Popen([sys.executable, '-m', 'dora', 'run', *args], cwd=ROOT, env=subprocess_env(outputs),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'dora', 'run', *args],
+        cwd=ROOT,
+        env=subprocess_env(outputs),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         logs = list(outputs.glob('xps/*/solver.log.0'))
@@ -274,8 +310,15 @@ def test_ctrl_c_with_loader_workers_checkpoints_then_resume_is_exact(tmp_path, r
     uninterrupted run does."""
     outputs = tmp_path / 'outputs'
     args = resume_args + ['dataset.num_workers=2', 'checkpoint.save_every_updates=null']  # forkserver workers
-    proc = subprocess.Popen([sys.executable, '-m', 'dora', 'run', *args], cwd=ROOT, env=subprocess_env(outputs),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'dora', 'run', *args],
+        cwd=ROOT,
+        env=subprocess_env(outputs),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         logs = list(outputs.glob('xps/*/solver.log.0'))

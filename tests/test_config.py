@@ -1,4 +1,5 @@
 """Layer 1: every preset composes, and keys that don't change results leave the XP signature alone."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,8 +9,10 @@ from omegaconf import OmegaConf
 
 from solvers import project
 
-GROUPS = {group: sorted(p.stem for p in (project.CONFIG_DIR / group).glob('*.yaml'))
-          for group in ('model', 'optim', 'slurm', 'adapter')}
+GROUPS = {
+    group: sorted(p.stem for p in (project.CONFIG_DIR / group).glob('*.yaml'))
+    for group in ('model', 'optim', 'slurm', 'adapter')
+}
 # Dataset presets other than the template are written by prepare_dataset (not committed): test the committed one.
 GROUPS['dataset'] = ['template']
 SOLVERS = sorted(f'audiogen/{p.stem}' for p in (project.CONFIG_DIR / 'solver' / 'audiogen').glob('*.yaml'))
@@ -65,6 +68,7 @@ def test_demo_is_offline_cpu():
 
 def test_all_combinations_share_one_key_set():
     """Dora compares every XP config with the base key by key: presets may change values, never the key set."""
+
     def keys(cfg, prefix=''):
         out = set()
         for key, value in cfg.items():
@@ -81,19 +85,40 @@ def test_all_combinations_share_one_key_set():
 
 def test_excluded_keys_keep_the_signature(tmp_path, monkeypatch):
     from solvers import train
+
     train.main.dora.dir = tmp_path
     base = ['solver=audiogen/demo']
     sig = train.main.get_xp(base).sig
-    neutral = ['device=cuda', 'dataset.num_workers=3', 'logging.level=DEBUG', 'logging.log_updates=2',
-               'checkpoint.keep_last=2', 'generate.every=5', 'num_threads=4', 'tensorboard.with_media_logging=false',
-               'efficient_attention_backend=xformers', 'evaluate.every=3', 'evaluate.num_prompts=3',
-               'evaluate.clap.model=tiny', 'optim.ema.device=cpu', 'transformer_lm.checkpointing=torch']
+    neutral = [
+        'device=cuda',
+        'dataset.num_workers=3',
+        'logging.level=DEBUG',
+        'logging.log_updates=2',
+        'checkpoint.keep_last=2',
+        'generate.every=5',
+        'num_threads=4',
+        'tensorboard.with_media_logging=false',
+        'efficient_attention_backend=xformers',
+        'evaluate.every=3',
+        'evaluate.num_prompts=3',
+        'evaluate.clap.model=tiny',
+        'optim.ema.device=cpu',
+        'transformer_lm.checkpointing=torch',
+    ]
     for override in neutral:
         assert train.main.get_xp(base + [override]).sig == sig, override
     assert train.main.get_xp(base + neutral).sig == sig
-    for override in ['optim.lr=1e-4', 'optim.grad_accum_steps=4', 'dataset.batch_size=4', 'model=audiogen_medium',
-                     'adapter=lora', 'adapter.rank=8', 'freeze.first_layers=2', 'checkpoint.best_metric=evaluate/clap',
-                     'optim.optimizer=adamw8bit']:
+    for override in [
+        'optim.lr=1e-4',
+        'optim.grad_accum_steps=4',
+        'dataset.batch_size=4',
+        'model=audiogen_medium',
+        'adapter=lora',
+        'adapter.rank=8',
+        'freeze.first_layers=2',
+        'checkpoint.best_metric=evaluate/clap',
+        'optim.optimizer=adamw8bit',
+    ]:
         assert train.main.get_xp(base + [override]).sig != sig, override
 
 
@@ -101,22 +126,28 @@ def test_prepared_presets_are_found_under_the_data_root(tmp_path, monkeypatch):
     """prepare_dataset writes presets to $AUDIOGEN_HOME/config/dataset; `dataset=NAME` finds them there."""
     preset = tmp_path / 'config' / 'dataset' / 'elsewhere.yaml'
     preset.parent.mkdir(parents=True)
-    preset.write_text("# @package __global__\ndatasource:\n  train: egs/elsewhere/train\n  valid: egs/elsewhere/valid\n"
-                      "dataset:\n  batch_size: 3\n")
+    preset.write_text(
+        '# @package __global__\ndatasource:\n  train: egs/elsewhere/train\n  valid: egs/elsewhere/valid\n'
+        'dataset:\n  batch_size: 3\n'
+    )
     monkeypatch.setenv('AUDIOGEN_HOME', str(tmp_path))
     cfg = project.compose(['solver=audiogen/tiny', 'dataset=elsewhere'])
     assert cfg.datasource.train == 'egs/elsewhere/train' and cfg.dataset.batch_size == 3
     assert project.resolve_path(cfg.datasource.train) == tmp_path / 'egs' / 'elsewhere' / 'train'
 
 
-@pytest.mark.parametrize('override, expected', [
-    ('optim.lrr=1', "Unknown config key 'optim.lrr': no preset or base config defines it. Did you mean optim.lr?"),
-    ('dataset.segment_durtion=2', 'Did you mean dataset.segment_duration?'),
-    ('dataset=mysoundz', 'Unknown preset dataset=mysoundz: config/dataset/ has'),
-    ('solver=audiogen/trian', 'Did you mean solver=audiogen/train?'),
-])
+@pytest.mark.parametrize(
+    'override, expected',
+    [
+        ('optim.lrr=1', "Unknown config key 'optim.lrr': no preset or base config defines it. Did you mean optim.lr?"),
+        ('dataset.segment_durtion=2', 'Did you mean dataset.segment_duration?'),
+        ('dataset=mysoundz', 'Unknown preset dataset=mysoundz: config/dataset/ has'),
+        ('solver=audiogen/trian', 'Did you mean solver=audiogen/train?'),
+    ],
+)
 def test_config_mistakes_are_one_sentence(override, expected):
     from solvers.errors import AudiogenError
+
     with pytest.raises(AudiogenError) as err:
         project.compose(['solver=audiogen/tiny', override])
     assert expected in str(err.value) and '\n' not in str(err.value)

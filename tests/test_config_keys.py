@@ -4,6 +4,7 @@ The test runs a whole tiny XP in-process (train with accumulation, valid, evalua
 `dora run` does (`solvers/train.py:_train`), with OmegaConf's node lookup instrumented, and lists the leaf keys of the
 composed config that nothing looked up. What is read outside that path is in ALLOWED, each with who reads it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,20 +18,20 @@ from solvers.errors import AudiogenError
 # Keys read outside an in-process CPU run of the tiny preset, with who reads them. A new key either gets read by the
 # code it configures or is rejected (see solver._refuse_unsupported); only what the run below can't reach goes here.
 ALLOWED = {
-    'dora': "Dora itself: the XP folder root, signature exclusions, git checks, `dora grid` shepherd",
+    'dora': 'Dora itself: the XP folder root, signature exclusions, git checks, `dora grid` shepherd',
     'slurm': "Dora's Shepherd when a grid or `dora launch` submits to SLURM (solvers/slurm.py maps it)",
     'solver': "the solver preset's name (Hydra's group choice); solvers/train.py always builds our solver",
-    'label': "solvers/tensorboard.run_name, when set; the run below leaves it null",
+    'label': 'solvers/tensorboard.run_name, when set; the run below leaves it null',
     'execute_inplace': "audiocraft's run_one_stage, with execute_only (tests/test_train_e2e.py)",
-    'adapter': "solvers/adapters.py, with adapter=lora (tests/test_adapters.py); this run is a full fine-tune",
-    'fsdp': "only fsdp.use is read: the solver refuses fsdp.use=true before any other fsdp key matters",
+    'adapter': 'solvers/adapters.py, with adapter=lora (tests/test_adapters.py); this run is a full fine-tune',
+    'fsdp': 'only fsdp.use is read: the solver refuses fsdp.use=true before any other fsdp key matters',
     'wandb': "audiocraft's StandardSolver, with logging.log_wandb=true",
     'cache.write': "audiocraft's token cache, only with cache.path, which the solver refuses",
-    'cache.write_shard': "(as cache.write)",
-    'cache.write_num_shards': "(as cache.write)",
-    'interleave_stereo_codebooks.per_timestep': "only with interleave_stereo_codebooks.use, which is refused",
-    'checkpoint.keep_last': "the epoch-checkpoint retention, with checkpoint.save_every (tests/test_checkpoints.py)",
-    'checkpoint.reset': "resume, when the XP folder has a checkpoint (tests/test_checkpoints.py)",
+    'cache.write_shard': '(as cache.write)',
+    'cache.write_num_shards': '(as cache.write)',
+    'interleave_stereo_codebooks.per_timestep': 'only with interleave_stereo_codebooks.use, which is refused',
+    'checkpoint.keep_last': 'the epoch-checkpoint retention, with checkpoint.save_every (tests/test_checkpoints.py)',
+    'checkpoint.reset': 'resume, when the XP folder has a checkpoint (tests/test_checkpoints.py)',
 }
 
 
@@ -81,6 +82,7 @@ def test_every_config_key_is_read_or_allowed(tmp_path, monkeypatch, demo_overrid
                 return function(*args, **kwargs)
             finally:
                 whole[0] -= root
+
         return wrapper
 
     for name in ('to_yaml', 'to_container', 'to_object', 'merge', 'unsafe_merge', 'masked_copy', 'resolve'):
@@ -104,21 +106,28 @@ def test_every_config_key_is_read_or_allowed(tmp_path, monkeypatch, demo_overrid
         return key in read or any('.'.join(parts[:i]) in ALLOWED for i in range(1, len(parts) + 1))
 
     unread = sorted(k for k in all_keys if not covered(k))
-    assert not unread, f"{len(unread)} config keys nothing reads:\n" + '\n'.join(unread)
+    assert not unread, f'{len(unread)} config keys nothing reads:\n' + '\n'.join(unread)
     stale = sorted(k for k in ALLOWED if not any(leaf == k or leaf.startswith(k + '.') for leaf in all_keys))
-    assert not stale, f"ALLOWED names keys the config no longer has: {stale}"
+    assert not stale, f'ALLOWED names keys the config no longer has: {stale}'
 
 
-@pytest.mark.parametrize('override, expected', [
-    ('compression_model_n_q=2', "compression_model_n_q=2 is not supported: the LM predicts every codebook"),
-    ('interleave_stereo_codebooks.use=true', 'interleave_stereo_codebooks.use=True is not supported: AudioGen is mono'),
-    ('checkpoint.keep_every_states=[ema]', 'checkpoint.keep_every_states=[\'ema\'] is not supported'),
-    ('cache.path=/tmp/tokens', 'cache.path=/tmp/tokens is not supported'),
-    ('compression_model_checkpoint=/elsewhere', 'compression_model_checkpoint=/elsewhere: the codec always comes'),
-    ('optim.max_bad_steps=0', 'optim.max_bad_steps=0: it must be at least 1'),
-])
+@pytest.mark.parametrize(
+    'override, expected',
+    [
+        ('compression_model_n_q=2', 'compression_model_n_q=2 is not supported: the LM predicts every codebook'),
+        (
+            'interleave_stereo_codebooks.use=true',
+            'interleave_stereo_codebooks.use=True is not supported: AudioGen is mono',
+        ),
+        ('checkpoint.keep_every_states=[ema]', "checkpoint.keep_every_states=['ema'] is not supported"),
+        ('cache.path=/tmp/tokens', 'cache.path=/tmp/tokens is not supported'),
+        ('compression_model_checkpoint=/elsewhere', 'compression_model_checkpoint=/elsewhere: the codec always comes'),
+        ('optim.max_bad_steps=0', 'optim.max_bad_steps=0: it must be at least 1'),
+    ],
+)
 def test_audiocraft_keys_the_solver_replaces_are_refused_by_name(override, expected):
     from solvers import project, solver
+
     cfg = project.compose(['solver=audiogen/tiny', override])
     with pytest.raises(AudiogenError) as err:
         solver._refuse_unsupported(cfg)

@@ -1,4 +1,5 @@
 """The demo's story: data of known/new classes, the fixed classifier, the build cache, and `make demo`'s commands."""
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,12 @@ def test_new_captions_start_from_embeddings_the_pretraining_never_touched():
     from audiocraft.modules.conditioners import hash_trick
 
     from solvers.tiny import tiny_lm_config
+
     n_bins = int(tiny_lm_config().conditioners.description.lut.n_bins)
 
     def buckets(names):
         return {hash_trick(c, n_bins) for cls in demo_data.select_classes(','.join(names)) for c in cls.captions}
+
     known, new = buckets(demo_data.KNOWN_CLASSES), buckets(demo_data.NEW_CLASSES)
     assert len(new) == 3 * len(demo_data.NEW_CLASSES) and not known & new and 0 not in known | new
 
@@ -59,6 +62,7 @@ def test_build_cache_builds_once_and_keys_on_the_recipe(tmp_path, monkeypatch):
     def build():
         calls.append(1)
         return {'w': torch.ones(2)}
+
     first = build_cache.load_or_build('thing', {'a': 1}, [demo_data], build, 'a thing')
     again = build_cache.load_or_build('thing', {'a': 1}, [demo_data], build, 'a thing')
     other = build_cache.load_or_build('thing', {'a': 2}, [demo_data], build, 'a thing')
@@ -71,8 +75,9 @@ def test_build_cache_builds_once_and_keys_on_the_recipe(tmp_path, monkeypatch):
 def test_classifier_features_ignore_gain_and_trailing_silence():
     clip, _ = demo_data.synthesize_clip(demo_data.CLASSES[0], 5, 0)
     padded = np.concatenate([0.5 * clip, np.zeros(8000, dtype=np.float32)])
-    assert torch.allclose(demo_classifier.features(clip[:16000]), demo_classifier.features(padded[:16000] * 2),
-                          atol=1e-3)
+    assert torch.allclose(
+        demo_classifier.features(clip[:16000]), demo_classifier.features(padded[:16000] * 2), atol=1e-3
+    )
 
 
 def test_classifier_names_clean_clips_it_never_saw(tmp_path, monkeypatch):
@@ -113,7 +118,7 @@ def test_make_demo_learns_the_new_classes(tmp_path):
         command = [str(tmp_path / a) if a.startswith('data/') else a for a in command]
         proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         log.append(proc.stdout + proc.stderr[-3000:])
-        assert proc.returncode == 0, f"{shlex.join(command)} failed:\n{log[-1]}"
+        assert proc.returncode == 0, f'{shlex.join(command)} failed:\n{log[-1]}'
     report_path = next((tmp_path / 'outputs' / 'xps').glob('*/demo_report.json'))
     report = json.loads(report_path.read_text())
     # The judge itself, as built by the demo (cached): held-out clean clips heard through the codec.
@@ -124,7 +129,13 @@ def test_make_demo_learns_the_new_classes(tmp_path):
     next_lines = log[-1].split('Next:', 1)[1].strip().splitlines()
     generate = shlex.split(next_lines[0].strip())
     assert generate[:3] == ['python', '-m', 'scripts.generate']
-    proc = subprocess.run([sys.executable, *generate[1:], '--out', str(tmp_path / 'gen')], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, *generate[1:], '--out', str(tmp_path / 'gen')],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / 'gen').rglob('*.wav'))) == 6

@@ -1,5 +1,6 @@
 """Evaluation (solvers/evaluation.py, solvers/listening.py, scripts/evaluate.py): the solver's evaluate stage on a
 tiny model, best-by-metric, the report CLI as a subprocess, and its listening page in headless Chromium."""
+
 from __future__ import annotations
 
 import html.parser
@@ -26,8 +27,14 @@ def tiny_clap(tmp_path_factory) -> Path:
 
 def eval_overrides(tiny_clap: Path) -> list[str]:
     """A small evaluation: 2 valid captions x 2 seeds of 1 s, every score on (PaSST KL skips itself here)."""
-    return [f'evaluate.clap.model={tiny_clap}', 'evaluate.num_prompts=2', 'evaluate.seeds=[0,1]',
-            'evaluate.duration=1.0', 'evaluate.metrics.fad=true', 'evaluate.metrics.kld=true']
+    return [
+        f'evaluate.clap.model={tiny_clap}',
+        'evaluate.num_prompts=2',
+        'evaluate.seeds=[0,1]',
+        'evaluate.duration=1.0',
+        'evaluate.metrics.fad=true',
+        'evaluate.metrics.kld=true',
+    ]
 
 
 class Tags(html.parser.HTMLParser):
@@ -62,13 +69,16 @@ def test_settings_come_from_the_evaluate_block():
     assert 'fad' in settings.metrics and settings.clap_model is None
 
 
-@pytest.mark.parametrize('key, value, expected', [
-    ('metrics.base', True, 'evaluate.metrics.base=true is not supported'),
-    ('metrics.text_consistency', True, 'use evaluate.metrics.clap'),
-    ('seeds', [1, 1], 'evaluate.seeds=[1, 1]: give a list of distinct non-negative integers'),
-    ('num_prompts', 0, 'evaluate.num_prompts=0: give an integer >= 1'),
-    ('duration', -1.0, 'must be a positive number of seconds'),
-])
+@pytest.mark.parametrize(
+    'key, value, expected',
+    [
+        ('metrics.base', True, 'evaluate.metrics.base=true is not supported'),
+        ('metrics.text_consistency', True, 'use evaluate.metrics.clap'),
+        ('seeds', [1, 1], 'evaluate.seeds=[1, 1]: give a list of distinct non-negative integers'),
+        ('num_prompts', 0, 'evaluate.num_prompts=0: give an integer >= 1'),
+        ('duration', -1.0, 'must be a positive number of seconds'),
+    ],
+)
 def test_bad_evaluate_keys_are_one_sentence(key, value, expected):
     from omegaconf import OmegaConf
 
@@ -99,7 +109,7 @@ HISTORY = [
 def test_best_epoch_follows_each_metrics_direction():
     assert evaluation.best_epoch(HISTORY, 'valid/ce') == 5
     assert evaluation.best_epoch(HISTORY, 'evaluate/clap') == 4  # higher is better
-    assert evaluation.best_epoch(HISTORY, 'evaluate/kad') == 5   # lower is better
+    assert evaluation.best_epoch(HISTORY, 'evaluate/kad') == 5  # lower is better
     assert evaluation.best_epoch(HISTORY, 'evaluate/fad') is None  # never computed
     assert evaluation.metric_mode('evaluate/codec_pesq') == 'max' and evaluation.metric_mode('valid/ce') == 'min'
     with pytest.raises(metrics.MetricsError, match='needs its stage'):
@@ -122,12 +132,12 @@ def test_evaluate_stage_on_the_tiny_model(in_xp, demo_overrides, tiny_clap, capl
         first = evaluation.evaluate_stage(solver)
         loads = metrics.get_clap.cache_info().misses
         second = evaluation.evaluate_stage(solver)
-    assert solver.model.training, "the stage gives the model back in the mode it found it"
+    assert solver.model.training, 'the stage gives the model back in the mode it found it'
     assert set(first) == {'clap', 'clap_real', 'kad', 'fad', 'codec_pesq', 'codec_stoi', 'codec_sisdr', 'codec_mel'}
     assert all(isinstance(v, float) and math.isfinite(v) for v in first.values())
     assert -1 <= first['clap'] <= 1 and -1 <= first['clap_real'] <= 1 and first['fad'] >= 0
-    assert second == first, "fixed seeds and unchanged weights give the same scores"
-    assert metrics.get_clap.cache_info().misses == loads, "CLAP loads once per process"
+    assert second == first, 'fixed seeds and unchanged weights give the same scores'
+    assert metrics.get_clap.cache_info().misses == loads, 'CLAP loads once per process'
     if metrics.passt_unavailable() is not None:  # the KL is asked for: skipped with its one-line reason, no crash
         assert 'kld' not in first and 'PaSST KL skipped' in caplog.text
     # The evaluation never enters the checkpoint.
@@ -167,15 +177,33 @@ def test_spectrogram_is_an_image_of_the_clip():
 
 def test_page_has_one_player_per_clip_and_escapes_prompts():
     report = {
-        'created': 'now', 'prompts': ['a <b>dog</b> & cat'], 'seeds': [0, 1], 'params': {'duration': 1.0},
-        'clap_model': 'tiny', 'dataset': 'egs/x/valid', 'skipped': {'kld': 'PaSST KL skipped: not installed.'},
-        'models': [{'label': 'base', 'metrics': {'clap': 0.1, 'kad': 2.0}, 'n_clips': 2, 'folder': 'clips/01'},
-                   {'label': 'tuned', 'metrics': {'clap': 0.3, 'kad': 1.0}, 'n_clips': 2, 'folder': 'clips/02'}],
-        'clips': [{'model': m, 'prompt': 'a <b>dog</b> & cat', 'seed': s, 'file': f'clips/0{m}/{s}.wav',
-                   'spectrogram': f'clips/0{m}/{s}.png', 'clap': 0.2} for m in (0, 1) for s in (0, 1)],
-        'real': {'metrics': {'clap_real': 0.4, 'n_real': 3},
-                 'clips': [{'prompt': 'a <b>dog</b> & cat', 'file': 'real/a.wav', 'spectrogram': 'real/a.png',
-                            'clap': 0.4}]},
+        'created': 'now',
+        'prompts': ['a <b>dog</b> & cat'],
+        'seeds': [0, 1],
+        'params': {'duration': 1.0},
+        'clap_model': 'tiny',
+        'dataset': 'egs/x/valid',
+        'skipped': {'kld': 'PaSST KL skipped: not installed.'},
+        'models': [
+            {'label': 'base', 'metrics': {'clap': 0.1, 'kad': 2.0}, 'n_clips': 2, 'folder': 'clips/01'},
+            {'label': 'tuned', 'metrics': {'clap': 0.3, 'kad': 1.0}, 'n_clips': 2, 'folder': 'clips/02'},
+        ],
+        'clips': [
+            {
+                'model': m,
+                'prompt': 'a <b>dog</b> & cat',
+                'seed': s,
+                'file': f'clips/0{m}/{s}.wav',
+                'spectrogram': f'clips/0{m}/{s}.png',
+                'clap': 0.2,
+            }
+            for m in (0, 1)
+            for s in (0, 1)
+        ],
+        'real': {
+            'metrics': {'clap_real': 0.4, 'n_real': 3},
+            'clips': [{'prompt': 'a <b>dog</b> & cat', 'file': 'real/a.wav', 'spectrogram': 'real/a.png', 'clap': 0.4}],
+        },
     }
     text = listening.page(report)
     tags = parse(text)
@@ -189,8 +217,14 @@ def test_page_has_one_player_per_clip_and_escapes_prompts():
 
 # ---------------------------------------------------------------------------------------------------- the CLI
 def run_cli(args: list[str], outputs: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', 'scripts.evaluate', *args], cwd=ROOT,
-                          env=subprocess_env(outputs), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, '-m', 'scripts.evaluate', *args],
+        cwd=ROOT,
+        env=subprocess_env(outputs),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope='module')
@@ -200,9 +234,28 @@ def report_folder(tmp_path_factory, tiny_package, tiny_dataset, tiny_clap) -> Pa
 
     base = tmp_path_factory.mktemp('evaluate')
     other = build_tiny_package(base / 'other', seed=1)
-    proc = run_cli([str(tiny_package), str(other), '--dataset', str(tiny_dataset['valid']), '--num-prompts', '2',
-                    '--batch_size', '2', '--duration', '1', '--clap-model', str(tiny_clap), '--device', 'cpu',
-                    '--out', str(base / 'evaluations'), '--no-progress'], base / 'outputs')
+    proc = run_cli(
+        [
+            str(tiny_package),
+            str(other),
+            '--dataset',
+            str(tiny_dataset['valid']),
+            '--num-prompts',
+            '2',
+            '--batch_size',
+            '2',
+            '--duration',
+            '1',
+            '--clap-model',
+            str(tiny_clap),
+            '--device',
+            'cpu',
+            '--out',
+            str(base / 'evaluations'),
+            '--no-progress',
+        ],
+        base / 'outputs',
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert 'Listening page:' in proc.stdout and '| model | CLAP ↑ | KAD ↓ | FAD ↓ |' in proc.stdout
     folders = list((base / 'evaluations').iterdir())
@@ -239,12 +292,32 @@ def test_report_clips_are_what_generate_writes(report_folder, tiny_package, tmp_
     sidecar = json.loads((report_folder / clip['sidecar']).read_text())
     assert sidecar['reproduce'].startswith('audiogen-generate ')
     out = tmp_path / 'generate'
-    proc = subprocess.run([sys.executable, '-m', 'scripts.generate', clip['prompt'], '--model', str(tiny_package),
-                           '--seeds', str(clip['seed']), '--duration', '1', '--device', 'cpu', '--out', str(out),
-                           '--no-progress'], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'scripts.generate',
+            clip['prompt'],
+            '--model',
+            str(tiny_package),
+            '--seeds',
+            str(clip['seed']),
+            '--duration',
+            '1',
+            '--device',
+            'cpu',
+            '--out',
+            str(out),
+            '--no-progress',
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    regenerated = next(out.rglob(f"{clip['seed']}.wav"))
+    regenerated = next(out.rglob(f'{clip["seed"]}.wav'))
     ours, _ = soundfile.read(report_folder / clip['file'], dtype='int16')
     theirs, _ = soundfile.read(regenerated, dtype='int16')
     assert (ours == theirs).all()
@@ -255,20 +328,32 @@ def chromium() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(chromium() is None and os.environ.get('AUDIOGEN_REQUIRE_CHROMIUM') != '1',
-                    reason="headless Chromium is not installed (apt-get install chromium; .ci/run does)")
+@pytest.mark.skipif(
+    chromium() is None and os.environ.get('AUDIOGEN_REQUIRE_CHROMIUM') != '1',
+    reason='headless Chromium is not installed (apt-get install chromium; .ci/run does)',
+)
 def test_listening_page_renders_in_headless_chromium(report_folder, tmp_path_factory):
     """The page opens in a real browser: one <audio> per clip in the rendered DOM, and a screenshot that shows the
     metric table (kept as a test artifact in pytest's temporary folder, never in git)."""
     import numpy as np
     from PIL import Image
 
-    assert chromium() is not None, "AUDIOGEN_REQUIRE_CHROMIUM=1 but no chromium binary is on PATH"
+    assert chromium() is not None, 'AUDIOGEN_REQUIRE_CHROMIUM=1 but no chromium binary is on PATH'
     artifacts = tmp_path_factory.mktemp('listening_page')
     screenshot = artifacts / 'index.png'
-    flags = [chromium(), '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-             '--disable-background-networking', '--disable-component-update', '--disable-sync',
-             f'--user-data-dir={artifacts / "profile"}', '--window-size=1400,1000']
+    flags = [
+        chromium(),
+        '--headless',
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-quic',
+        '--no-first-run',
+        '--disable-background-networking',
+        '--disable-component-update',
+        '--disable-sync',
+        f'--user-data-dir={artifacts / "profile"}',
+        '--window-size=1400,1000',
+    ]
     url = (report_folder / 'index.html').as_uri()
     dom = subprocess.run([*flags, '--dump-dom', url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -279,10 +364,10 @@ def test_listening_page_renders_in_headless_chromium(report_folder, tmp_path_fac
     shot = subprocess.run([*flags, f'--screenshot={screenshot}', url], capture_output=True, text=True, timeout=120)
     assert shot.returncode == 0 and screenshot.is_file(), shot.stderr[-2000:]
     image = np.asarray(Image.open(screenshot).convert('RGB')).astype(int)
-    assert image.shape[:2] == (1000, 1400) and image.std() > 20, "a blank screenshot"
-    header = (image[:300] == (0xdb, 0xe9, 0xf7)).all(-1)  # the metric table's header colour, near the top
+    assert image.shape[:2] == (1000, 1400) and image.std() > 20, 'a blank screenshot'
+    header = (image[:300] == (0xDB, 0xE9, 0xF7)).all(-1)  # the metric table's header colour, near the top
     assert header.sum() > 2000, f"no metric table in the screenshot's top 300 px (kept at {screenshot})"
-    print(f"screenshot: {screenshot}")
+    print(f'screenshot: {screenshot}')
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -294,22 +379,25 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tiny_package, tmp_path):
         ([str(tiny_package)], 'No prompt: pass --dataset NAME'),
         ([str(tiny_package), '--dataset', 'nosuchset'], 'Unknown preset dataset=nosuchset'),
         ([str(tiny_package), '--prompt', 'x', '--duration', '0'], '--duration must be a positive number'),
-        ([str(tiny_package), '--prompt', 'x', '--clap-model', 'laion/uncached-clap', '--out', str(tmp_path)],
-         'The evaluation model laion/uncached-clap is not in the Hugging Face cache'),
+        (
+            [str(tiny_package), '--prompt', 'x', '--clap-model', 'laion/uncached-clap', '--out', str(tmp_path)],
+            'The evaluation model laion/uncached-clap is not in the Hugging Face cache',
+        ),
     ]
     for argv, expected in cases:
         assert evaluate.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith('audiogen-evaluate: error: ') and expected in err and '\n' not in err, (argv, err)
-    assert not any(tmp_path.iterdir()), "nothing is written when the CLAP model is missing"
+    assert not any(tmp_path.iterdir()), 'nothing is written when the CLAP model is missing'
 
 
 @pytest.mark.parametrize('clap, new_best', [(0.4, False), (0.6, True)])
 def test_best_state_follows_the_configured_metric(in_xp, demo_overrides, tiny_clap, clap, new_best):
     """checkpoint.best_metric=evaluate/clap: an epoch is the new best only when its CLAP beats the past, whatever
     its valid ce; the best state then holds this epoch's weights."""
-    solver = in_xp(demo_overrides + eval_overrides(tiny_clap) + ['checkpoint.best_metric=evaluate/clap',
-                                                                 'evaluate.every=1'])
+    solver = in_xp(
+        demo_overrides + eval_overrides(tiny_clap) + ['checkpoint.best_metric=evaluate/clap', 'evaluate.every=1']
+    )
     solver.restore()
     with torch.no_grad():
         for param in solver.model.parameters():
@@ -325,8 +413,8 @@ def test_best_state_follows_the_configured_metric(in_xp, demo_overrides, tiny_cl
 
 def test_a_best_metric_that_is_never_computed_is_refused(in_xp, demo_overrides):
     from solvers.errors import AudiogenError
+
     with pytest.raises(AudiogenError, match='needs an evaluation every few epochs'):
         in_xp(demo_overrides + ['checkpoint.best_metric=evaluate/clap', 'evaluate.clap.model=tiny'])
     with pytest.raises(AudiogenError, match='evaluate/codec_pesq is not computed'):
         in_xp(demo_overrides + ['checkpoint.best_metric=evaluate/codec_pesq', 'evaluate.every=1'])
-

@@ -4,6 +4,7 @@ Fast tests use a hand-written XP (a checkpoint.th with distinct best/EMA/last we
 package); the `slow` ones export the XP that `dora run` trains in conftest's `trained_xp` and compare the export
 with the training solver itself.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,15 @@ def make_fake_xp(outputs: Path, pkg: Path | str, sig: str = FAKE_SIG, ema: bool 
     def shifted(offset: float) -> dict:
         return {k: v + offset if v.is_floating_point() else v.clone() for k, v in base.items()}
 
-    state = {'xp.cfg': OmegaConf.to_yaml(cfg), 'xp.sig': sig, 'history': [{'valid': {'ce': 5.0}}] * 2,
-             'best_state': {'model': shifted(0.01)}, 'fsdp_best_state': {}, 'model': shifted(0.03),
-             'ema': {'state': {'model': shifted(0.02)}, 'count': 4} if ema else None}
+    state = {
+        'xp.cfg': OmegaConf.to_yaml(cfg),
+        'xp.sig': sig,
+        'history': [{'valid': {'ce': 5.0}}] * 2,
+        'best_state': {'model': shifted(0.01)},
+        'fsdp_best_state': {},
+        'model': shifted(0.03),
+        'ema': {'state': {'model': shifted(0.02)}, 'count': 4} if ema else None,
+    }
     folder = outputs / 'xps' / sig
     folder.mkdir(parents=True)
     torch.save(state, folder / 'checkpoint.th')
@@ -47,8 +54,7 @@ def make_fake_xp(outputs: Path, pkg: Path | str, sig: str = FAKE_SIG, ema: bool 
 @pytest.fixture(scope='session')
 def fake_xp(tmp_path_factory, tiny_package) -> dict:
     outputs = tmp_path_factory.mktemp('fake_outputs')
-    return {'outputs': outputs, 'folder': make_fake_xp(outputs, tiny_package), 'sig': FAKE_SIG,
-            'package': tiny_package}
+    return {'outputs': outputs, 'folder': make_fake_xp(outputs, tiny_package), 'sig': FAKE_SIG, 'package': tiny_package}
 
 
 @pytest.fixture()
@@ -67,7 +73,8 @@ def exported(tmp_path_factory, fake_xp) -> Path:
 def expected_weights(fake_xp: dict, weights: str) -> dict:
     state = torch.load(fake_xp['folder'] / 'checkpoint.th', weights_only=True)
     return {'best': state['best_state']['model'], 'ema': state['ema']['state']['model'], 'last': state['model']}[
-        weights]
+        weights
+    ]
 
 
 def assert_same_state(actual: dict, expected: dict, atol: float = 0.0) -> None:
@@ -165,8 +172,14 @@ def test_codec_pointers_are_materialised(tmp_path, tiny_package):
 
 def test_cli_subprocess_bad_signature(tmp_path):
     env = subprocess_env(tmp_path / 'outputs')
-    proc = subprocess.run([sys.executable, '-m', 'scripts.export', 'deadbeef', str(tmp_path / 'pkg')], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'scripts.export', 'deadbeef', str(tmp_path / 'pkg')],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert 'No XP with signature deadbeef' in proc.stderr and 'AUDIOGEN_OUTPUTS' in proc.stderr
     assert 'Traceback' not in proc.stderr and not (tmp_path / 'pkg').exists()
@@ -206,7 +219,8 @@ def test_round_trip_matches_the_training_solver(trained_xp, tmp_path, monkeypatc
     solver = train.get_solver_from_sig(sig)
     solver.model.eval()
     attributes = [ConditioningAttributes(text={'description': p}) for p in prompts]
-    solver_tokens = solver.model.generate(None, attributes, max_gen_len=exported_tokens.shape[-1],
-                                          use_sampling=False, cfg_coef=3.0)
+    solver_tokens = solver.model.generate(
+        None, attributes, max_gen_len=exported_tokens.shape[-1], use_sampling=False, cfg_coef=3.0
+    )
     assert torch.equal(exported_tokens, solver_tokens)
     assert_same_state(model.lm.state_dict(), solver.model.state_dict())

@@ -4,6 +4,7 @@ Exactness, not speed: speed is measured by benchmarks/bench_generate.py. Every L
 away from audiocraft's initialisation (non-zero biases, layer norms and layer scales), so that every parameter the
 fast path reads changes the tokens, and each comparison asserts the tokens are not degenerate.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,11 +27,17 @@ pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 WORDS = 'heavy rain falls on a tin roof while thunder rolls in the distance and a dog barks near the door'.split()
 VARIANTS = {
     'medium-like': (),  # pre-norm, no biases: what facebook/audiogen-medium uses
-    'post-norm, biases, layer scale': ('transformer_lm.norm_first=false', 'transformer_lm.bias_attn=true',
-                                       'transformer_lm.bias_ff=true', 'transformer_lm.bias_proj=true',
-                                       'transformer_lm.layer_scale=0.5'),
-    'float32 attention, qk norm in cross-attention': ('transformer_lm.attention_as_float32=true',
-                                                      'transformer_lm.qk_layer_norm_cross=true'),
+    'post-norm, biases, layer scale': (
+        'transformer_lm.norm_first=false',
+        'transformer_lm.bias_attn=true',
+        'transformer_lm.bias_ff=true',
+        'transformer_lm.bias_proj=true',
+        'transformer_lm.layer_scale=0.5',
+    ),
+    'float32 attention, qk norm in cross-attention': (
+        'transformer_lm.attention_as_float32=true',
+        'transformer_lm.qk_layer_norm_cross=true',
+    ),
 }
 
 
@@ -54,6 +61,7 @@ def random_lm(overrides: tuple[str, ...] = (), seed: int = 0, words: bool = True
 
 def attributes(prompts: tp.Sequence[str]) -> list:
     from audiocraft.modules.conditioners import ConditioningAttributes
+
     return [ConditioningAttributes(text={'description': p}) for p in prompts]
 
 
@@ -75,10 +83,14 @@ def assert_same_tokens(stock: torch.Tensor, fast: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
-@pytest.mark.parametrize('prompts', [
-    [' '.join(WORDS[:5])],                                          # batch 1, 5 condition tokens
-    [' '.join(WORDS[:20]), ' '.join(WORDS[3:23]), 'dog'],           # batch 3, 20/20/1 tokens (padded as upstream)
-], ids=['1x5tok', '3x20tok'])
+@pytest.mark.parametrize(
+    'prompts',
+    [
+        [' '.join(WORDS[:5])],  # batch 1, 5 condition tokens
+        [' '.join(WORDS[:20]), ' '.join(WORDS[3:23]), 'dog'],  # batch 3, 20/20/1 tokens (padded as upstream)
+    ],
+    ids=['1x5tok', '3x20tok'],
+)
 def test_greedy_tokens_equal_stock(variant, prompts):
     lm = random_lm(VARIANTS[variant])
     stock, fast = both(lm, None, attributes(prompts), max_gen_len=60, use_sampling=False, cfg_coef=3.0)
@@ -89,8 +101,16 @@ def test_greedy_tokens_equal_stock(variant, prompts):
 def test_top_k_1_and_one_token_conditions_equal_stock():
     """The tiny stand-in's own conditioner (one hashed token per caption) and greedy as ``top_k=1`` sampling."""
     lm = random_lm(words=False)
-    stock, fast = both(lm, None, attributes(['dog barking', 'rain']), max_gen_len=50, use_sampling=True, top_k=1,
-                       cfg_coef=3.0, seeds=[0, 1])
+    stock, fast = both(
+        lm,
+        None,
+        attributes(['dog barking', 'rain']),
+        max_gen_len=50,
+        use_sampling=True,
+        top_k=1,
+        cfg_coef=3.0,
+        seeds=[0, 1],
+    )
     assert_same_tokens(stock, fast)
 
 
@@ -102,8 +122,9 @@ def test_prompted_continuation_equals_stock(prompt_len):
     prompt = torch.randint(0, lm.card, (2, lm.num_codebooks, prompt_len), generator=torch.Generator().manual_seed(3))
     kwargs = dict(max_gen_len=50, use_sampling=False, cfg_coef=2.0, check=True)
     for remove in (False, True):
-        stock, fast = both(lm, prompt, attributes(['a door slams', 'wind in the trees']), remove_prompts=remove,
-                           **kwargs)
+        stock, fast = both(
+            lm, prompt, attributes(['a door slams', 'wind in the trees']), remove_prompts=remove, **kwargs
+        )
         assert_same_tokens(stock, fast)
         assert fast.shape[-1] == 50 - (prompt_len if remove else 0)
 
@@ -172,9 +193,27 @@ def test_cli_decoders_write_the_same_files(tmp_path, short_window_package):
     runs = {}
     for decoder in ('stock', 'fast'):
         out = tmp_path / decoder
-        assert generate_cli.main(['rain on a roof', '--model', str(short_window_package), '--batch_size', '2',
-                                  '--duration', '3.5', '--decoder', decoder, '--no-progress', '--device', 'cpu',
-                                  '--out', str(out)]) == 0
+        assert (
+            generate_cli.main(
+                [
+                    'rain on a roof',
+                    '--model',
+                    str(short_window_package),
+                    '--batch_size',
+                    '2',
+                    '--duration',
+                    '3.5',
+                    '--decoder',
+                    decoder,
+                    '--no-progress',
+                    '--device',
+                    'cpu',
+                    '--out',
+                    str(out),
+                ]
+            )
+            == 0
+        )
         runs[decoder] = next((out / 'rain_on_a_roof').iterdir())
     for seed in (0, 1):
         assert (runs['fast'] / f'{seed}.wav').read_bytes() == (runs['stock'] / f'{seed}.wav').read_bytes()
@@ -187,8 +226,23 @@ def test_cli_decoders_write_the_same_files(tmp_path, short_window_package):
 def test_cli_refuses_graph_without_cuda(tmp_path, tiny_package, capsys):
     from scripts import generate as generate_cli
 
-    assert generate_cli.main(['dog', '--model', str(tiny_package), '--decoder', 'graph', '--device', 'cpu',
-                              '--out', str(tmp_path / 'out'), '--no-progress']) == 2
+    assert (
+        generate_cli.main(
+            [
+                'dog',
+                '--model',
+                str(tiny_package),
+                '--decoder',
+                'graph',
+                '--device',
+                'cpu',
+                '--out',
+                str(tmp_path / 'out'),
+                '--no-progress',
+            ]
+        )
+        == 2
+    )
     assert '--decoder graph captures CUDA graphs and needs --device cuda' in capsys.readouterr().err
     assert not (tmp_path / 'out').exists()
 
@@ -252,8 +306,9 @@ def teacher_forced_logits(lm: tp.Any, mode: str, steps: int = 40, prompt_len: in
     cfg = fastgen._cfg_conditions(lm, conditions)
     cross = lm.fuser(torch.zeros(4, 1, lm.dim), cfg)[1]
     decoder = fastgen.FastDecoder(lm)
-    sequence = torch.randint(0, lm.card, (4, lm.num_codebooks, steps + prompt_len),
-                             generator=torch.Generator().manual_seed(0))
+    sequence = torch.randint(
+        0, lm.card, (4, lm.num_codebooks, steps + prompt_len), generator=torch.Generator().manual_seed(0)
+    )
     length = steps + prompt_len + 1
     if mode == 'fast':
         step: tp.Any = fastgen._EagerStepper(decoder, cross, length)
@@ -263,7 +318,7 @@ def teacher_forced_logits(lm: tp.Any, mode: str, steps: int = 40, prompt_len: in
     if prompt_len:
         out.append(step(sequence[..., :prompt_len], 0)[..., -1:, :])
     for pos in range(prompt_len, prompt_len + steps):
-        out.append(step(sequence[..., pos:pos + 1], pos).clone())
+        out.append(step(sequence[..., pos : pos + 1], pos).clone())
     return torch.stack(out)
 
 
@@ -277,8 +332,9 @@ def test_static_step_matches_the_exact_logits(prompt_len):
     torch.testing.assert_close(static, fast, rtol=1e-5, atol=1e-5)
     stock, ours = both(lm, None, attributes(['a bell', 'rain']), max_gen_len=80, use_sampling=False)
     with torch.no_grad():
-        static_tokens = fastgen.generate(lm, None, attributes(['a bell', 'rain']), max_gen_len=80,
-                                         use_sampling=False, decoder='static')
+        static_tokens = fastgen.generate(
+            lm, None, attributes(['a bell', 'rain']), max_gen_len=80, use_sampling=False, decoder='static'
+        )
     assert torch.equal(static_tokens, ours)  # no near-tie in this LM: the argmax survives the last-bit changes
 
 

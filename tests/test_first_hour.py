@@ -3,6 +3,7 @@
 The user's data lives under a temporary $AUDIOGEN_HOME (the documented variable that moves egs/, data/,
 config/dataset/ and outputs/); no command gets an override the user wouldn't type.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,9 @@ def argv(command: str) -> list[str]:
     raise AssertionError(f'unexpected command {command!r}')
 
 
-def run(command: str, env: dict, check: bool = True, timeout: float = 1800,
-        cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run(
+    command: str, env: dict, check: bool = True, timeout: float = 1800, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(argv(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f'{command} failed ({proc.returncode}):\n{proc.stderr[-6000:]}')
@@ -72,7 +74,7 @@ def printed_commands(output: str, header: str) -> list[str]:
     lines = re.sub(r'\x1b\[[0-9;]*m', '', output).splitlines()  # without the log's colours
     start = max(i for i, line in enumerate(lines) if header in line)
     block = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.startswith('  '):
             break
         block.append(line.strip())
@@ -107,8 +109,14 @@ def test_prepare_train_resume_export_generate_on_a_cpu(tmp_path, user_env):
     train = commands[1]
 
     # Train with the printed command; a crash (SIGKILL) after the first epoch's checkpoint.
-    job = subprocess.Popen(argv(train), cwd=ROOT, env=user_env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+    job = subprocess.Popen(
+        argv(train),
+        cwd=ROOT,
+        env=user_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     folder = None
     try:
         deadline = time.time() + 1500
@@ -133,7 +141,7 @@ def test_prepare_train_resume_export_generate_on_a_cpu(tmp_path, user_env):
     head = log.split('world_size is 1')[0]
     assert 'Warning' not in head and 'WARNING' not in head and 'warn' not in head, head[-3000:]
     final = history(folder)
-    assert len(final) == 4 and final[:len(first)] == first
+    assert len(final) == 4 and final[: len(first)] == first
     assert final[-1]['train']['ce'] < final[0]['train']['ce']
 
     # Samples speak of the user's sounds; TensorBoard lists the run by dataset name.
@@ -151,8 +159,11 @@ def test_prepare_train_resume_export_generate_on_a_cpu(tmp_path, user_env):
     assert sorted((folder / 'tensorboard').glob('events.out.tfevents.*')) == events  # no empty event file added
     following = printed_commands(proc.stderr + proc.stdout, 'Next:')
     assert [shlex.split(c)[:3] for c in following] == [
-        ['tensorboard', '--logdir', str(home / 'outputs' / 'tensorboard')], ['python', '-m', 'scripts.generate'],
-        ['python', '-m', 'scripts.export'], ['python', '-m', 'scripts.evaluate']]
+        ['tensorboard', '--logdir', str(home / 'outputs' / 'tensorboard')],
+        ['python', '-m', 'scripts.generate'],
+        ['python', '-m', 'scripts.export'],
+        ['python', '-m', 'scripts.evaluate'],
+    ]
 
     # Generate, export and evaluate exactly as printed, from another folder (the editable install finds the clone):
     # their outputs land beside the user.
@@ -171,16 +182,24 @@ def test_prepare_train_resume_export_generate_on_a_cpu(tmp_path, user_env):
     assert reports, sorted(p.name for p in (work / 'evaluations').rglob('*'))
 
     # Batch-generate from the export (README "Generate and export").
-    proc = run('python -m scripts.generate "a soft notification chime" --model exported/mysounds --batch_size 2 '
-               '--duration 1', elsewhere, cwd=work)
+    proc = run(
+        'python -m scripts.generate "a soft notification chime" --model exported/mysounds --batch_size 2 --duration 1',
+        elsewhere,
+        cwd=work,
+    )
     assert len(sorted((work / 'out').rglob('*.wav'))) == 7 and 'Traceback' not in proc.stderr
 
 
-@pytest.mark.parametrize('override, expected', [
-    ('optim.lrr=1', "error: Unknown config key 'optim.lrr': no preset or base config defines it. Did you mean "
-                    "optim.lr?"),
-    ('dataset=mysoundz', 'error: Unknown preset dataset=mysoundz: config/dataset/ has'),
-])
+@pytest.mark.parametrize(
+    'override, expected',
+    [
+        (
+            'optim.lrr=1',
+            "error: Unknown config key 'optim.lrr': no preset or base config defines it. Did you mean optim.lr?",
+        ),
+        ('dataset=mysoundz', 'error: Unknown preset dataset=mysoundz: config/dataset/ has'),
+    ],
+)
 def test_config_mistakes_in_dora_run_are_one_line(user_env, override, expected):
     proc = run(f'dora run solver=audiogen/tiny {override}', user_env, check=False, timeout=300)
     assert proc.returncode != 0

@@ -1,4 +1,5 @@
 """Batch generation (scripts/generate.py, solvers/generation.py) on the tiny package, offline, on the CPU."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,27 @@ from scripts import generate as generate_cli
 from solvers import atomic, audio_io, generation, package
 
 PROMPTS = ['dog barking', 'sirens of an emergency vehicle']
-SIDECAR_KEYS = {'prompt', 'seed', 'file', 'model', 'model_kind', 'model_path', 'weights', 'params', 'duration',
-                'sample_rate', 'channels', 'lufs', 'target_lufs', 'peak_dbfs', 'format', 'device', 'versions',
-                'created', 'reproduce'}
+SIDECAR_KEYS = {
+    'prompt',
+    'seed',
+    'file',
+    'model',
+    'model_kind',
+    'model_path',
+    'weights',
+    'params',
+    'duration',
+    'sample_rate',
+    'channels',
+    'lufs',
+    'target_lufs',
+    'peak_dbfs',
+    'format',
+    'device',
+    'versions',
+    'created',
+    'reproduce',
+}
 
 
 def run_cli(*args: str) -> int:
@@ -35,8 +54,19 @@ def read(path: Path) -> torch.Tensor:
 def first_run(tmp_path_factory, tiny_package) -> dict:
     """Two prompts x 3 seeds in batches of 4, 1 s clips."""
     out = tmp_path_factory.mktemp('gen') / 'out'
-    args = [*PROMPTS, '--model', str(tiny_package), '--batch_size', '3', '--duration', '1', '--max-batch', '4',
-            '--out', str(out)]
+    args = [
+        *PROMPTS,
+        '--model',
+        str(tiny_package),
+        '--batch_size',
+        '3',
+        '--duration',
+        '1',
+        '--max-batch',
+        '4',
+        '--out',
+        str(out),
+    ]
     assert run_cli(*args) == 0
     return {'out': out, 'args': args}
 
@@ -83,8 +113,12 @@ def test_same_command_and_single_seed_reproduce_the_files(first_run, tmp_path):
     single = tmp_path / 'single'
     args = first_run['args']
     model = args[args.index('--model') + 1]
-    assert run_cli(PROMPTS[1], '--model', model, '--seeds', '2', '--duration', '1', '--max-batch', '1',
-                   '--out', str(single)) == 0
+    assert (
+        run_cli(
+            PROMPTS[1], '--model', model, '--seeds', '2', '--duration', '1', '--max-batch', '1', '--out', str(single)
+        )
+        == 0
+    )
     rerun = run_folder(single, PROMPTS[1])
     assert [p.name for p in sorted(rerun.iterdir())] == ['2.json', '2.wav']
     assert torch.equal(read(rerun / '2.wav'), read(run_folder(out, PROMPTS[1]) / '2.wav'))
@@ -105,6 +139,7 @@ def test_sampler_draws_the_right_distribution_per_item():
     sampler = generation.PerItemSampler([0, 1, 2])
     with sampler:
         from audiocraft.utils import utils
+
         assert utils.multinomial == sampler.multinomial
         tokens = utils.sample_top_k(probs.clone(), k=3)  # goes through the patched function
     assert utils.multinomial is not sampler.multinomial  # restored
@@ -121,14 +156,18 @@ def test_batches_only_mix_prompts_with_the_same_conditioning_shape():
     items = [generation.Item(p, s) for p in ['a', 'bb', 'c', 'dd'] for s in range(3)]
     batches = generation.plan_batches(items, 4, key=len)
     assert [[(i.prompt, i.seed) for i in b] for b in batches] == [
-        [('a', 0), ('a', 1), ('a', 2), ('c', 0)], [('c', 1), ('c', 2)],
-        [('bb', 0), ('bb', 1), ('bb', 2), ('dd', 0)], [('dd', 1), ('dd', 2)]]
+        [('a', 0), ('a', 1), ('a', 2), ('c', 0)],
+        [('c', 1), ('c', 2)],
+        [('bb', 0), ('bb', 1), ('bb', 2), ('dd', 0)],
+        [('dd', 1), ('dd', 2)],
+    ]
 
 
 def test_prompts_file_and_seeds(tmp_path):
     path = tmp_path / 'prompts.txt'
-    path.write_text('# effects for the trailer\n\nwind through pines\n  café terrace chatter  \n#done\n',
-                    encoding='utf-8')
+    path.write_text(
+        '# effects for the trailer\n\nwind through pines\n  café terrace chatter  \n#done\n', encoding='utf-8'
+    )
     assert generation.read_prompts_file(path) == ['wind through pines', 'café terrace chatter']
     assert generation.make_seeds(3, 10) == [10, 11, 12]
     assert generation.make_seeds(25, 0, [7, 3]) == [7, 3]
@@ -143,8 +182,12 @@ def test_sliding_window_beyond_the_model_window(tmp_path, tiny_package):
     codec = torch.load(tiny_package / package.COMPRESSION_FILE, weights_only=True)
     package.write(short, cfg, package.lm_state(str(tiny_package)), codec['xp.cfg'], codec['best_state'])
     for _ in range(2):
-        assert run_cli('footsteps', '--model', str(short), '--seeds', '5', '--duration', '3.5',
-                       '--out', str(tmp_path / 'out')) == 0
+        assert (
+            run_cli(
+                'footsteps', '--model', str(short), '--seeds', '5', '--duration', '3.5', '--out', str(tmp_path / 'out')
+            )
+            == 0
+        )
     runs = sorted((tmp_path / 'out' / 'footsteps').iterdir())
     meta = json.loads((runs[0] / '5.json').read_text())
     assert meta['params']['max_duration'] == 2.5 and meta['params']['extend_stride'] == 1.25
@@ -154,25 +197,42 @@ def test_sliding_window_beyond_the_model_window(tmp_path, tiny_package):
 
 def test_formats(tmp_path, tiny_package):
     for fmt in ('flac', 'mp3'):
-        assert run_cli('a bell', '--model', str(tiny_package), '--seeds', '0', '--duration', '1', '--format', fmt,
-                       '--out', str(tmp_path)) == 0
+        assert (
+            run_cli(
+                'a bell',
+                '--model',
+                str(tiny_package),
+                '--seeds',
+                '0',
+                '--duration',
+                '1',
+                '--format',
+                fmt,
+                '--out',
+                str(tmp_path),
+            )
+            == 0
+        )
     files = sorted(p.name for p in (tmp_path / 'a_bell').rglob('0.*'))
     assert files == ['0.flac', '0.json', '0.json', '0.mp3']
     assert read(next((tmp_path / 'a_bell').rglob('0.flac'))).shape == (1, 16000)
 
 
-@pytest.mark.parametrize('args, message', [
-    ([], 'No prompt given'),
-    (['dog', '   '], 'Prompt 2 of 2 is empty'),
-    (['dog', '--duration', '0'], '--duration must be a positive'),
-    (['dog', '--duration', '-1'], '--duration must be a positive'),
-    (['dog', '--batch_size', '0'], '--batch_size must be >= 1'),
-    (['dog', '--max-batch', '0'], '--max-batch must be >= 1'),
-    (['dog', '--top_p', '1.5'], '--top_p must be within'),
-    (['dog', '--model', 'not a model!'], "Unknown model 'not a model!'"),
-    (['dog', '--model', 'nobody/no-such-audiogen'], 'HF_HUB_OFFLINE=1'),
-    (['dog', '--model', 'c0ffee00'], 'No XP with signature c0ffee00'),
-])
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        ([], 'No prompt given'),
+        (['dog', '   '], 'Prompt 2 of 2 is empty'),
+        (['dog', '--duration', '0'], '--duration must be a positive'),
+        (['dog', '--duration', '-1'], '--duration must be a positive'),
+        (['dog', '--batch_size', '0'], '--batch_size must be >= 1'),
+        (['dog', '--max-batch', '0'], '--max-batch must be >= 1'),
+        (['dog', '--top_p', '1.5'], '--top_p must be within'),
+        (['dog', '--model', 'not a model!'], "Unknown model 'not a model!'"),
+        (['dog', '--model', 'nobody/no-such-audiogen'], 'HF_HUB_OFFLINE=1'),
+        (['dog', '--model', 'c0ffee00'], 'No XP with signature c0ffee00'),
+    ],
+)
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setenv('AUDIOGEN_OUTPUTS', str(tmp_path / 'outputs'))
     out = tmp_path / 'out'
@@ -189,8 +249,14 @@ def test_weights_apply_to_xps_only(tmp_path, tiny_package, capsys):
 
 
 def test_cli_subprocess_rejects_an_empty_prompt(tmp_path):
-    proc = subprocess.run([sys.executable, '-m', 'scripts.generate', '  ', '--out', str(tmp_path / 'out')],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'scripts.generate', '  ', '--out', str(tmp_path / 'out')],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert 'Prompt 1 of 1 is empty' in proc.stderr and 'Traceback' not in proc.stderr
     assert not (tmp_path / 'out').exists()
@@ -204,8 +270,22 @@ def test_fake_xp_weights_are_recorded(tmp_path, tiny_package, monkeypatch):
     clips = {}
     for weights in ('best', 'ema'):
         out = tmp_path / weights
-        assert run_cli('dog', '--model', 'abcdef12', '--weights', weights, '--seeds', '0', '--duration', '0.5',
-                       '--out', str(out)) == 0
+        assert (
+            run_cli(
+                'dog',
+                '--model',
+                'abcdef12',
+                '--weights',
+                weights,
+                '--seeds',
+                '0',
+                '--duration',
+                '0.5',
+                '--out',
+                str(out),
+            )
+            == 0
+        )
         folder = run_folder(out, 'dog')
         meta = json.loads((folder / '0.json').read_text())
         assert meta['model_kind'] == 'xp' and meta['xp_sig'] == 'abcdef12' and meta['weights'] == weights
@@ -221,9 +301,27 @@ def test_generate_from_a_trained_xp_signature(trained_xp, tmp_path):
     sig = trained_xp['folder'].name
     out = tmp_path / 'out'
     proc = subprocess.run(
-        [sys.executable, '-m', 'scripts.generate', 'a dog barking', '--model', sig, '--batch_size', '2',
-         '--duration', '1', '--out', str(out), '--no-progress'],
-        cwd=ROOT, env=subprocess_env(trained_xp['outputs']), capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            '-m',
+            'scripts.generate',
+            'a dog barking',
+            '--model',
+            sig,
+            '--batch_size',
+            '2',
+            '--duration',
+            '1',
+            '--out',
+            str(out),
+            '--no-progress',
+        ],
+        cwd=ROOT,
+        env=subprocess_env(trained_xp['outputs']),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     folder = run_folder(out, 'a dog barking')
     assert sorted(p.name for p in folder.iterdir()) == ['0.json', '0.wav', '1.json', '1.wav']
@@ -234,10 +332,32 @@ def test_generate_from_a_trained_xp_signature(trained_xp, tmp_path):
 
 def test_progress_in_a_log_is_one_line_per_batch(tmp_path, tiny_package, capsys):
     """stderr that isn't a terminal (a SLURM log, a pipe) gets one line per batch, never a bar's carriage returns."""
-    assert generate_cli.main(['dog', '--model', str(tiny_package), '--seeds', '0', '1', '2', '--duration', '0.5',
-                              '--max-batch', '2', '--device', 'cpu', '--out', str(tmp_path / 'out')]) == 0
+    assert (
+        generate_cli.main(
+            [
+                'dog',
+                '--model',
+                str(tiny_package),
+                '--seeds',
+                '0',
+                '1',
+                '2',
+                '--duration',
+                '0.5',
+                '--max-batch',
+                '2',
+                '--device',
+                'cpu',
+                '--out',
+                str(tmp_path / 'out'),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert '\r' not in err
     lines = [line for line in err.splitlines() if line.startswith('generating: ')]
-    assert [line.split(' in ')[0] for line in lines] == ['generating: batch 1/2 (2 clips)',
-                                                         'generating: batch 2/2 (1 clip)'], err
+    assert [line.split(' in ')[0] for line in lines] == [
+        'generating: batch 1/2 (2 clips)',
+        'generating: batch 2/2 (1 clip)',
+    ], err

@@ -5,6 +5,7 @@ The `slurm`-marked tests use the local SLURM of scripts/slurm_local.sh through t
 fixture: they skip with the reason shown by `pytest -ra` when it is not up, and fail instead with
 AUDIOGEN_REQUIRE_SLURM=1. Jobs are small (1-2 CPUs, 2-4 GB) and at most two run at once.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -30,8 +31,7 @@ SCHEDULED = re.compile(r'Scheduled job (\d+) for sheep ([0-9a-f]{8})/')
 FINAL_STATES = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED')
 
 
-def _dora(command: str, args: tp.Sequence[str], outputs: Path, env: dict[str, str],
-          timeout: float = 120) -> str:
+def _dora(command: str, args: tp.Sequence[str], outputs: Path, env: dict[str, str], timeout: float = 120) -> str:
     """`python -m dora <command> <args>` through conftest's run_dora with extra environment; stdout + stderr."""
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
@@ -41,8 +41,11 @@ def _dora(command: str, args: tp.Sequence[str], outputs: Path, env: dict[str, st
 
 
 def _demo_env(package: Path, dataset: dict[str, Path]) -> dict[str, str]:
-    return {'AUDIOGEN_DEMO_PRETRAINED': str(package), 'AUDIOGEN_DEMO_TRAIN': str(dataset['train']),
-            'AUDIOGEN_DEMO_VALID': str(dataset['valid'])}
+    return {
+        'AUDIOGEN_DEMO_PRETRAINED': str(package),
+        'AUDIOGEN_DEMO_TRAIN': str(dataset['train']),
+        'AUDIOGEN_DEMO_VALID': str(dataset['valid']),
+    }
 
 
 def _argvs(outputs: Path) -> dict[str, list[str]]:
@@ -57,6 +60,7 @@ def _override(argv: list[str], key: str) -> str:
 
 
 # ---- grid expansion, no SLURM needed ----
+
 
 def test_demo_grid_dry_run_expands_to_two_lrs(tmp_path, tiny_package, tiny_dataset):
     paths = {'package': tiny_package, 'train': tiny_dataset['train'], 'valid': tiny_dataset['valid']}
@@ -79,7 +83,7 @@ def _prepared_preset(home: Path, name: str = 'demo') -> Path:
     """A dataset preset as prepare_dataset writes it, under the data root ``home`` ($AUDIOGEN_HOME)."""
     preset = home / 'config' / 'dataset' / f'{name}.yaml'
     preset.parent.mkdir(parents=True, exist_ok=True)
-    preset.write_text(f"# @package __global__\ndatasource:\n  train: egs/{name}/train\n  valid: egs/{name}/valid\n")
+    preset.write_text(f'# @package __global__\ndatasource:\n  train: egs/{name}/train\n  valid: egs/{name}/valid\n')
     return preset
 
 
@@ -128,11 +132,14 @@ def test_finetune_grid_schedules_on_the_cluster_preset(monkeypatch, tmp_path):
     assert launcher.slurm['mem_per_gpu'] == 64 and launcher.slurm['time'] == 1440  # config/slurm/cluster.yaml
 
 
-@pytest.mark.parametrize('env, message', [
-    ({'AUDIOGEN_PARTITION': 'gpu'}, 'AUDIOGEN_DATASET is not set'),
-    ({'AUDIOGEN_DATASET': 'no_such_set', 'AUDIOGEN_PARTITION': 'gpu'}, 'no_such_set.yaml does not exist'),
-    ({'AUDIOGEN_DATASET': 'demo'}, 'AUDIOGEN_PARTITION is not set'),
-])
+@pytest.mark.parametrize(
+    'env, message',
+    [
+        ({'AUDIOGEN_PARTITION': 'gpu'}, 'AUDIOGEN_DATASET is not set'),
+        ({'AUDIOGEN_DATASET': 'no_such_set', 'AUDIOGEN_PARTITION': 'gpu'}, 'no_such_set.yaml does not exist'),
+        ({'AUDIOGEN_DATASET': 'demo'}, 'AUDIOGEN_PARTITION is not set'),
+    ],
+)
 def test_finetune_grid_says_which_variable_is_missing(monkeypatch, tmp_path, env, message):
     _prepared_preset(tmp_path)
     monkeypatch.setenv('AUDIOGEN_HOME', str(tmp_path))
@@ -151,8 +158,10 @@ def test_demo_grid_names_a_missing_path(monkeypatch, tmp_path):
 
 
 def test_explorer_reports_last_epoch_and_best_valid_ce():
-    history = [{'train': {'ce': 5.0, 'ppl': 150.0}, 'valid': {'ce': 4.0, 'ppl': 60.0}},
-               {'train': {'ce': 3.0, 'ppl': 20.0}, 'valid': {'ce': 4.5, 'ppl': 90.0}, 'generate': {'rtf': 1.0}}]
+    history = [
+        {'train': {'ce': 5.0, 'ppl': 150.0}, 'valid': {'ce': 4.0, 'ppl': 60.0}},
+        {'train': {'ce': 3.0, 'ppl': 20.0}, 'valid': {'ce': 4.5, 'ppl': 90.0}, 'generate': {'rtf': 1.0}},
+    ]
     row = AudioGenExplorer(lambda launcher: None).process_history(history)
     assert row == {'train': {'epoch': 2, 'ce': 3.0, 'ppl': 20.0}, 'valid': {'ce': 4.5, 'ppl': 90.0, 'best_ce': 4.0}}
     assert AudioGenExplorer(lambda launcher: None).process_history([]) == {'train': {'epoch': 0}, 'valid': {}}
@@ -160,11 +169,13 @@ def test_explorer_reports_last_epoch_and_best_valid_ce():
 
 # ---- on the local SLURM ----
 
+
 def _sacct(job_ids: tp.Iterable[str], duplicates: bool = False) -> list[tuple[str, str]]:
     """(job id, state) per job from sacct; with ``duplicates`` one row per run of a requeued job, oldest first."""
     args = ['sacct', '-n', '-X', '-P', '-o', 'JobID,State', '-j', ','.join(job_ids)]
-    proc = subprocess.run(args + (['--duplicates'] if duplicates else []), capture_output=True, text=True,
-                          timeout=30, check=True)
+    proc = subprocess.run(
+        args + (['--duplicates'] if duplicates else []), capture_output=True, text=True, timeout=30, check=True
+    )
     return [tuple(line.split('|', 1)) for line in proc.stdout.split()]  # type: ignore[misc]
 
 
@@ -172,16 +183,23 @@ def _cancel(job_ids: tp.Iterable[str]) -> None:
     subprocess.run(['scancel', *job_ids], capture_output=True, timeout=30)
 
 
-def _wait(condition: tp.Callable[[], bool], timeout: float, what: str, job_ids: tp.Sequence[str],
-          logs: tp.Sequence[Path] = (), interval: float = 0.5) -> float:
+def _wait(
+    condition: tp.Callable[[], bool],
+    timeout: float,
+    what: str,
+    job_ids: tp.Sequence[str],
+    logs: tp.Sequence[Path] = (),
+    interval: float = 0.5,
+) -> float:
     """Poll ``condition`` every ``interval`` s; on timeout cancel the jobs and fail with their states and logs' ends."""
     begin = time.monotonic()
     while not condition():
         if time.monotonic() - begin > timeout:
             states = _sacct(job_ids)
             _cancel(job_ids)
-            tails = '\n'.join(f'--- {log}:\n' + (log.read_text()[-3000:] if log.exists() else '(missing)')
-                              for log in logs)
+            tails = '\n'.join(
+                f'--- {log}:\n' + (log.read_text()[-3000:] if log.exists() else '(missing)') for log in logs
+            )
             pytest.fail(f'{what}: not after {timeout:.0f} s (sacct: {states})\n{tails}')
         time.sleep(interval)
     return time.monotonic() - begin
@@ -201,8 +219,9 @@ def demo_grid_run(local_slurm, tiny_package, tiny_dataset, tmp_path_factory) -> 
     submitted = _dora('grid', ['demo', '--no_monitoring'], outputs, env)
     jobs = dict((sig, job) for job, sig in SCHEDULED.findall(submitted))
     try:
-        queued = subprocess.run(['squeue', '-h', '-p', local_slurm, '-o', '%i'], capture_output=True, text=True,
-                                timeout=30, check=True).stdout.split()
+        queued = subprocess.run(
+            ['squeue', '-h', '-p', local_slurm, '-o', '%i'], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
         # Monitoring (`-i` is in minutes) refreshes the table every 3 s and returns once every XP is done.
         monitored = _dora('grid', ['demo', '-i', '0.05'], outputs, env, timeout=900)
         _wait(lambda: _done(list(jobs.values())), 30, 'sacct shows the grid finished', list(jobs.values()))
@@ -211,8 +230,15 @@ def demo_grid_run(local_slurm, tiny_package, tiny_dataset, tmp_path_factory) -> 
     except BaseException:
         _cancel(jobs.values())
         raise
-    return {'outputs': outputs, 'jobs': jobs, 'submitted': submitted, 'queued': queued, 'monitored': monitored,
-            'again': again, 'turnaround': turnaround}
+    return {
+        'outputs': outputs,
+        'jobs': jobs,
+        'submitted': submitted,
+        'queued': queued,
+        'monitored': monitored,
+        'again': again,
+        'turnaround': turnaround,
+    }
 
 
 @pytest.mark.slurm
@@ -231,7 +257,7 @@ def test_demo_grid_runs_every_xp_to_completion(demo_grid_run):
         assert (folder / 'checkpoint.th').is_file() and (folder / 'checkpoint_best.th').is_file()
         assert len(list((folder / 'samples' / f'epoch_{len(history):03d}').glob('*.wav'))) == 4
         assert (demo_grid_run['outputs'] / 'grids' / 'demo' / sig).resolve() == folder.resolve()
-    print(f"demo grid: {len(jobs)} XPs submitted and finished in {demo_grid_run['turnaround']:.0f} s")
+    print(f'demo grid: {len(jobs)} XPs submitted and finished in {demo_grid_run["turnaround"]:.0f} s')
 
 
 @pytest.mark.slurm
@@ -244,8 +270,8 @@ def test_demo_grid_table_shows_metrics(demo_grid_run):
         row = next(line for line in table.splitlines() if sig in line)
         assert 'COM' in row and f' {job} ' in row, row
         # The row shows the epochs done and the last epoch's train and valid ce as history.json holds them.
-        assert f"{history[-1]['train']['ce']:.3f}" in row and f"{history[-1]['valid']['ce']:.3f}" in row, row
-        assert re.search(rf"\|\s+{len(history)}\s", row), row
+        assert f'{history[-1]["train"]["ce"]:.3f}' in row and f'{history[-1]["valid"]["ce"]:.3f}' in row, row
+        assert re.search(rf'\|\s+{len(history)}\s', row), row
     assert 'Monitoring Grid demo' in demo_grid_run['monitored'] and 'COM' in demo_grid_run['monitored']
 
 
@@ -255,8 +281,13 @@ def test_demo_grid_does_not_resubmit_finished_xps(demo_grid_run):
     jobs = demo_grid_run['jobs']
     for output in (demo_grid_run['monitored'], demo_grid_run['again']):
         assert 'Scheduled job' not in output
-    names = subprocess.run(['sacct', '-n', '-X', '-P', '-S', 'now-1hours', '-o', 'JobID,JobName'],
-                           capture_output=True, text=True, timeout=30, check=True).stdout.split()
+    names = subprocess.run(
+        ['sacct', '-n', '-X', '-P', '-S', 'now-1hours', '-o', 'JobID,JobName'],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.split()
     for sig, job in jobs.items():
         assert [row.split('|')[0] for row in names if row.endswith(f'_{sig}')] == [job], sig  # one job per XP
 
@@ -264,18 +295,29 @@ def test_demo_grid_does_not_resubmit_finished_xps(demo_grid_run):
 UPDATES = 12  # per epoch of the preempted XP: a signal sent at the first update leaves 11 to reach a boundary
 # What the solver logs once per load of a checkpoint (a mid-epoch resume also logs "Resuming epoch N at update U of
 # M." when its training loop starts: not counted).
-RESUMED = re.compile(r'Resuming epoch (\d+) at update (\d+) from '
-                     r'|Loading existing checkpoint: \S+checkpoint(_\d+)?\.th')
+RESUMED = re.compile(
+    r'Resuming epoch (\d+) at update (\d+) from '
+    r'|Loading existing checkpoint: \S+checkpoint(_\d+)?\.th'
+)
 
 
 def _preempted_xp_overrides(package: Path, dataset: dict[str, Path]) -> list[str]:
     """A demo XP with 2 epochs of UPDATES updates, each logged, and cheap otherwise: small batches, no samples
     (generation on a busy CPU costs more than this training), no loader processes (they restart at every stage, which
     took minutes on a busy 2-core machine; resuming with workers is tested in test_checkpoints)."""
-    return ['solver=audiogen/demo', f'pretrained={package}', f"datasource.train={dataset['train']}",
-            f"datasource.valid={dataset['valid']}", 'optim.epochs=2', f'optim.updates_per_epoch={UPDATES}',
-            f'logging.log_updates={UPDATES}', 'schedule.cosine.warmup=2', 'dataset.batch_size=4',
-            'generate.prompts=[]', 'dataset.num_workers=0']
+    return [
+        'solver=audiogen/demo',
+        f'pretrained={package}',
+        f'datasource.train={dataset["train"]}',
+        f'datasource.valid={dataset["valid"]}',
+        'optim.epochs=2',
+        f'optim.updates_per_epoch={UPDATES}',
+        f'logging.log_updates={UPDATES}',
+        'schedule.cosine.warmup=2',
+        'dataset.batch_size=4',
+        'generate.prompts=[]',
+        'dataset.num_workers=0',
+    ]
 
 
 @pytest.mark.slurm
@@ -329,5 +371,7 @@ def test_preempted_xp_is_requeued_resumes_and_finishes(local_slurm, tiny_package
     history = json.loads((folder / 'history.json').read_text())
     assert len(history) == 2 and all('ce' in epoch['train'] and 'ce' in epoch['valid'] for epoch in history)
     assert not (folder / 'checkpoint_step.th').exists()  # the last epoch checkpoint replaced it
-    print(f'USR2 to resumed: {usr2_to_resume:.0f} s; scontrol requeue to COMPLETED: {requeue_to_finish:.0f} s; '
-          f'resumes: {resumes}')
+    print(
+        f'USR2 to resumed: {usr2_to_resume:.0f} s; scontrol requeue to COMPLETED: {requeue_to_finish:.0f} s; '
+        f'resumes: {resumes}'
+    )

@@ -1,4 +1,5 @@
 """The project is used from its clone: the editable install works from any directory, a regular wheel is refused."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,13 @@ def test_a_regular_wheel_is_refused_with_the_way_to_install(tmp_path):
     uv = shutil.which('uv') or os.path.expanduser('~/.local/bin/uv')
     if not os.path.exists(uv):
         pytest.skip('uv is not installed here (make installs it)')
-    proc = subprocess.run([uv, 'build', '--wheel', '--out-dir', str(tmp_path / 'dist'), str(ROOT)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [uv, 'build', '--wheel', '--out-dir', str(tmp_path / 'dist'), str(ROOT)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode != 0
     assert 'is used from a clone of its repository: install it there with `make install`' in proc.stderr
     assert not list((tmp_path / 'dist').glob('*.whl'))

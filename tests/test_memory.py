@@ -3,6 +3,7 @@
 Counts are checked against real builds of the same config, activations against autograd's saved tensors of a real
 training forward; the medium-size figures are in docs/benchmarks.md (benchmarks/bench_memory.py).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -28,8 +29,9 @@ def _built_counts(cfg) -> tuple[int, int]:
     return sum(p.numel() for p in lm.parameters()), sum(p.numel() for p in lm.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize('extra', [[], ['adapter=lora'], ['adapter=lora', 'adapter.targets=[self_qkv,cross_qkv]'],
-                                   ['freeze.first_layers=1']])
+@pytest.mark.parametrize(
+    'extra', [[], ['adapter=lora'], ['adapter=lora', 'adapter.targets=[self_qkv,cross_qkv]'], ['freeze.first_layers=1']]
+)
 def test_planner_counts_equal_the_built_model(extra):
     cfg = project.compose([*TINY, *extra])
     counts = memory.count(cfg)
@@ -49,9 +51,14 @@ def test_planned_activations_match_what_autograd_saves(checkpointing, adapter):
     sys.path.insert(0, str(ROOT / 'benchmarks'))
     import bench_memory
 
-    overrides = ['transformer_lm.dim=128', 'transformer_lm.num_layers=3',
-                 f'transformer_lm.checkpointing={checkpointing}', 'dataset.segment_duration=1.0',
-                 'dataset.batch_size=2', f'adapter={adapter}']
+    overrides = [
+        'transformer_lm.dim=128',
+        'transformer_lm.num_layers=3',
+        f'transformer_lm.checkpointing={checkpointing}',
+        'dataset.segment_duration=1.0',
+        'dataset.batch_size=2',
+        f'adapter={adapter}',
+    ]
     cfg, lm = bench_memory._lm(overrides)
     if adapters.enabled(cfg):
         adapters.inject_lora(lm, cfg.adapter)
@@ -75,8 +82,14 @@ def test_levers_make_a_plan_fit_and_keep_the_effective_batch():
 
 
 def _plan_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', 'scripts.plan_memory', *args], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, '-m', 'scripts.plan_memory', *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_plan_memory_cli_answers_in_lines_and_exit_codes():

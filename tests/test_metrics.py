@@ -1,4 +1,5 @@
 """Layer 2: the evaluation metrics (solvers/metrics.py) on a tiny random CLAP built offline and on synthetic audio."""
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,12 @@ def with_noise(wav: torch.Tensor, level: float, seed: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- CLAP
 def test_clap_scores_are_finite_cosines(scorer):
     t = torch.arange(2 * SR) / SR
-    clips = [torch.sin(2 * math.pi * 440 * t)[None] * 0.3, with_noise(torch.zeros(1, 3 * SR), 0.1),
-             speech_like(1.0), torch.zeros(1, 800)]  # a tone, noise, a voice-like sound, 50 ms of silence
+    clips = [
+        torch.sin(2 * math.pi * 440 * t)[None] * 0.3,
+        with_noise(torch.zeros(1, 3 * SR), 0.1),
+        speech_like(1.0),
+        torch.zeros(1, 800),
+    ]  # a tone, noise, a voice-like sound, 50 ms of silence
     scores = scorer.score(['a beep', 'static noise', 'a man talking', 'nothing'], clips, SR)
     assert scores.shape == (4,)
     assert torch.isfinite(scores).all() and (scores.abs() <= 1).all()
@@ -109,14 +114,14 @@ def test_fad_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     x = np.random.default_rng(0).normal(size=(64, 8))
     assert metrics.frechet_distance(x, x) == pytest.approx(0, abs=1e-9)
     shifted = [metrics.frechet_distance(x, x + delta) for delta in (0.1, 0.5, 1.0)]
-    assert shifted == pytest.approx([8 * d ** 2 for d in (0.1, 0.5, 1.0)])  # same covariance: |mean shift|^2
+    assert shifted == pytest.approx([8 * d**2 for d in (0.1, 0.5, 1.0)])  # same covariance: |mean shift|^2
     assert shifted[0] < shifted[1] < shifted[2]
 
 
 def test_fad_matches_the_closed_form_and_the_classic_sqrtm_formula():
     # Independent coordinates: FD = |mu_x - mu_y|^2 + sum_i (sigma_x,i - sigma_y,i)^2.
     x = np.array([[0, 0], [2, 0], [0, 2], [2, 2]], dtype=float)  # mean (1, 1), variances 4/3
-    y = 2 * x + [5, 0]                                            # mean (7, 2), variances 16/3
+    y = 2 * x + [5, 0]  # mean (7, 2), variances 16/3
     assert metrics.frechet_distance(x, y) == pytest.approx(36 + 1 + 2 * (4 / 3) * (1 - 2) ** 2)
     # Against pytorch-fid's formula (scipy.linalg.sqrtm of the covariance product) on correlated data.
     from scipy import linalg
@@ -134,8 +139,8 @@ def test_fad_matches_the_closed_form_and_the_classic_sqrtm_formula():
 def test_kad_matches_a_hand_computed_value():
     x = np.array([[0.0], [1.0]])
     y = np.array([[3.0], [5.0]])  # median pairwise distance of y: 2, so gamma = 1 / (2 * 2^2) = 1/8
-    k_xx = math.exp(-1 / 8)                   # |0 - 1|^2 = 1
-    k_yy = math.exp(-4 / 8)                   # |3 - 5|^2 = 4
+    k_xx = math.exp(-1 / 8)  # |0 - 1|^2 = 1
+    k_yy = math.exp(-4 / 8)  # |3 - 5|^2 = 4
     k_xy = (math.exp(-9 / 8) + math.exp(-25 / 8) + math.exp(-4 / 8) + math.exp(-16 / 8)) / 4
     expected = 100 * (k_xx + k_yy - 2 * k_xy)
     assert metrics.median_pairwise_distance(y) == pytest.approx(2.0)
@@ -150,8 +155,9 @@ def test_unbiased_mmd_matches_torchmetrics_kid_estimator():
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(12, 4)), rng.normal(size=(12, 4)) + 0.5
     kernel = lambda a, b: (a @ b.T / 4 + 1) ** 3  # noqa: E731  (KID's polynomial kernel)
-    reference = float(maximum_mean_discrepancy(*(torch.from_numpy(k) for k in (kernel(x, x), kernel(x, y),
-                                                                              kernel(y, y)))))
+    reference = float(
+        maximum_mean_discrepancy(*(torch.from_numpy(k) for k in (kernel(x, x), kernel(x, y), kernel(y, y))))
+    )
     assert metrics.mmd_unbiased(kernel(x, x), kernel(y, y), kernel(x, y)) == pytest.approx(reference)
 
 
@@ -215,8 +221,9 @@ def test_passt_kl_is_skipped_with_a_reason_without_its_package_or_weights(tmp_pa
             metrics.PasstKL('cpu')
     # With the package importable but no weights in torch hub's cache: the reason names the file and its URL.
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec',
-                        lambda name, *a: object() if name == 'hear21passt' else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, 'find_spec', lambda name, *a: object() if name == 'hear21passt' else real_find_spec(name, *a)
+    )
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     reason = metrics.passt_unavailable()
     assert reason is not None and str(tmp_path / 'torch' / 'hub' / 'checkpoints' / metrics.PASST_WEIGHTS) in reason

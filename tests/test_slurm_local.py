@@ -3,6 +3,7 @@
 The `slurm`-marked tests submit real jobs to partition `local` and skip, with the reason shown by `pytest -ra`, when no
 such SLURM answers; set AUDIOGEN_REQUIRE_SLURM=1 (CI does) to make them fail instead. The mapping tests need no SLURM.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,17 @@ def local_slurm() -> str:
 
 def _executor(folder: Path, partition: str, **params: tp.Any) -> submitit.AutoExecutor:
     executor = submitit.AutoExecutor(folder=folder, cluster='slurm')
-    executor.update_parameters(**{'slurm_partition': partition, 'nodes': 1, 'tasks_per_node': 1, 'cpus_per_task': 1,
-                                  'mem_gb': 1, 'timeout_min': 5, **params})
+    executor.update_parameters(
+        **{
+            'slurm_partition': partition,
+            'nodes': 1,
+            'tasks_per_node': 1,
+            'cpus_per_task': 1,
+            'mem_gb': 1,
+            'timeout_min': 5,
+            **params,
+        }
+    )
     return executor
 
 
@@ -96,8 +106,10 @@ def _final_state(job: submitit.Job, timeout: float = 20) -> str:
 
 
 def _job_facts() -> dict[str, tp.Any]:
-    return {key: os.environ.get(f'SLURM_{key.upper()}') for key in
-            ('job_id', 'job_partition', 'cpus_per_task', 'mem_per_node', 'restart_count')} | {'uid': os.getuid()}
+    return {
+        key: os.environ.get(f'SLURM_{key.upper()}')
+        for key in ('job_id', 'job_partition', 'cpus_per_task', 'mem_per_node', 'restart_count')
+    } | {'uid': os.getuid()}
 
 
 class _Counter(submitit.helpers.Checkpointable):
@@ -122,6 +134,7 @@ class _Counter(submitit.helpers.Checkpointable):
 
 
 # ---- on the local SLURM ----
+
 
 @pytest.mark.slurm
 def test_submitit_job_runs_and_returns(local_slurm, tmp_path):
@@ -186,6 +199,7 @@ def test_time_limit_signal_requeues_before_the_kill(local_slurm, tmp_path):
 
 # ---- mapping presets to Dora's SlurmConfig (no SLURM needed) ----
 
+
 def _slurm(**values: tp.Any) -> dict[str, tp.Any]:
     base = OmegaConf.load(PRESET_DIR / 'local.yaml')
     for key, value in values.items():
@@ -240,22 +254,25 @@ def test_mapping_keeps_the_key_set_dora_compares():
         assert set(preset.keys()) == set(local.keys()), name
 
 
-@pytest.mark.parametrize('values, message', [
-    ({'partition': '???'}, 'slurm.partition: is not set'),
-    ({'partition': ''}, 'slurm.partition'),
-    ({'gpus': -1}, 'slurm.gpus'),
-    ({'gpus': 12, 'mem_gb': None, 'cpus': None}, 'multiple of 8'),
-    ({'gpus': True}, 'slurm.gpus'),
-    ({'mem_gb': 2.5}, 'whole number of GB'),
-    ({'mem_gb': 0}, 'slurm.mem_gb'),
-    ({'cpus': 0}, 'slurm.cpus'),
-    ({'mem_per_gpu': 8}, 'set slurm.mem_gb for a CPU-only job'),
-    ({'gpus': 1, 'mem_per_gpu': 8}, 'slurm.mem_gb: is 4 but applies to CPU-only jobs'),
-    ({'time': 0}, 'slurm.time'),
-    ({'setup': 'module load cuda'}, 'list of shell lines'),
-    ({'constraint': 3}, 'slurm.constraint'),
-    ({'gpu': 1}, 'unknown key(s) gpu'),
-])
+@pytest.mark.parametrize(
+    'values, message',
+    [
+        ({'partition': '???'}, 'slurm.partition: is not set'),
+        ({'partition': ''}, 'slurm.partition'),
+        ({'gpus': -1}, 'slurm.gpus'),
+        ({'gpus': 12, 'mem_gb': None, 'cpus': None}, 'multiple of 8'),
+        ({'gpus': True}, 'slurm.gpus'),
+        ({'mem_gb': 2.5}, 'whole number of GB'),
+        ({'mem_gb': 0}, 'slurm.mem_gb'),
+        ({'cpus': 0}, 'slurm.cpus'),
+        ({'mem_per_gpu': 8}, 'set slurm.mem_gb for a CPU-only job'),
+        ({'gpus': 1, 'mem_per_gpu': 8}, 'slurm.mem_gb: is 4 but applies to CPU-only jobs'),
+        ({'time': 0}, 'slurm.time'),
+        ({'setup': 'module load cuda'}, 'list of shell lines'),
+        ({'constraint': 3}, 'slurm.constraint'),
+        ({'gpu': 1}, 'unknown key(s) gpu'),
+    ],
+)
 def test_nonsense_values_get_clear_errors(values, message):
     with pytest.raises(SlurmConfigError) as info:
         _slurm(**values)
@@ -274,6 +291,7 @@ def test_unknown_preset_lists_the_known_ones():
 
 def test_slurm_keys_leave_the_signature_alone(tmp_path):
     from solvers import train
+
     train.main.dora.dir = tmp_path
     base = ['solver=audiogen/demo']
     sig = train.main.get_xp(base).sig

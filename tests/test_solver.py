@@ -1,4 +1,5 @@
 """Layer 2: the solver's hooks on a tiny model, in-process."""
+
 from __future__ import annotations
 
 import copy
@@ -34,8 +35,13 @@ def one_batch(solver, size: int):
 
 
 def snapshot(solver) -> dict:
-    return copy.deepcopy({'model': solver.model.state_dict(), 'optimizer': solver.optimizer.state_dict(),
-                          'lr_scheduler': solver.lr_scheduler.state_dict()})
+    return copy.deepcopy(
+        {
+            'model': solver.model.state_dict(),
+            'optimizer': solver.optimizer.state_dict(),
+            'lr_scheduler': solver.lr_scheduler.state_dict(),
+        }
+    )
 
 
 def restore(solver, state: dict) -> None:
@@ -48,7 +54,7 @@ def test_training_starts_from_the_package_weights(in_xp, demo_overrides, tiny_pa
     solver = in_xp(demo_overrides)
     expected = package.lm_state(str(tiny_package))
     before = {k: v.clone() for k, v in solver.model.state_dict().items()}
-    assert any(not torch.equal(before[k], expected[k]) for k in expected), "the LM should start random before restore"
+    assert any(not torch.equal(before[k], expected[k]) for k in expected), 'the LM should start random before restore'
     solver.restore()
     for key, value in solver.model.state_dict().items():
         assert torch.equal(value, expected[key]), key
@@ -60,8 +66,11 @@ def test_training_starts_from_the_package_weights(in_xp, demo_overrides, tiny_pa
 def test_gradient_accumulation_matches_a_larger_batch(in_xp, demo_overrides):
     """2 micro-batches of 4 give the optimizer the gradient of one batch of 8 (compared before AdamW, whose
     per-parameter normalisation would amplify float rounding of near-zero gradients)."""
-    overrides = demo_overrides + ['classifier_free_guidance.training_dropout=0', 'optim.max_norm=0',
-                                  'schedule.cosine.warmup=0']
+    overrides = demo_overrides + [
+        'classifier_free_guidance.training_dropout=0',
+        'optim.max_norm=0',
+        'schedule.cosine.warmup=0',
+    ]
     solver = in_xp(overrides)
     solver.restore()
     audio, infos = one_batch(solver, 8)
@@ -72,6 +81,7 @@ def test_gradient_accumulation_matches_a_larger_batch(in_xp, demo_overrides):
     def spy(*args, **kwargs):
         grads.append({n: p.grad.clone() for n, p in solver.model.named_parameters() if p.grad is not None})
         return step(*args, **kwargs)
+
     solver.optimizer.step = spy
     with stage(solver, 'train'):
         solver.run_step(0, [(audio[:4], infos[:4]), (audio[4:], infos[4:])], {})
@@ -81,7 +91,7 @@ def test_gradient_accumulation_matches_a_larger_batch(in_xp, demo_overrides):
     assert len(grads) == 2 and grads[0].keys() == grads[1].keys() and grads[0]
     for name, grad in grads[1].items():
         torch.testing.assert_close(grads[0][name], grad, rtol=1e-4, atol=1e-7)
-    assert any(not torch.equal(accumulated[k], initial['model'][k]) for k in accumulated), "the step moved nothing"
+    assert any(not torch.equal(accumulated[k], initial['model'][k]) for k in accumulated), 'the step moved nothing'
 
 
 def test_clipping_bounds_the_norm(in_xp, demo_overrides):
@@ -164,6 +174,7 @@ def test_missing_package_is_explained(in_xp, demo_overrides, tmp_path):
 
 def test_samples_are_minus_14_lufs(in_xp, demo_overrides):
     from solvers import audio_io
+
     solver = in_xp(demo_overrides)
     solver.restore()
     with stage(solver, 'generate'):
@@ -172,6 +183,7 @@ def test_samples_are_minus_14_lufs(in_xp, demo_overrides):
     assert len(files) == len(solver.sample_prompts()) == solver.cfg.generate.prompts_from_dataset
     assert math.isclose(metrics['lufs'], -14.0, abs_tol=1.0)
     import soundfile
+
     for path in files:
         wav, sr = soundfile.read(path, dtype='float32')
         assert sr == 16000 and abs(len(wav) / sr - solver.cfg.generate.duration) < 0.05
@@ -195,6 +207,7 @@ def test_valid_reads_every_clip_once_without_num_samples(in_xp, demo_overrides, 
     from audiocraft.utils.utils import get_dataset_from_loader
 
     from solvers import dataprep
+
     solver = in_xp(demo_overrides)
     assert solver.cfg.dataset.valid.num_samples == len(dataprep.read_manifest(tiny_dataset['valid']))
     dataset = get_dataset_from_loader(solver.dataloaders['valid'])
@@ -208,6 +221,7 @@ def test_a_failed_valid_stage_keeps_the_epochs_training(in_xp, demo_overrides, m
 
     def broken_valid():
         raise RuntimeError('valid broke')
+
     monkeypatch.setattr(solver, 'valid', broken_valid)
     with pytest.raises(RuntimeError, match='valid broke'):
         solver.run()
@@ -232,19 +246,21 @@ def test_ema_moves_after_the_first_update_even_in_a_short_run(in_xp, demo_overri
     solver.run()
     ema = solver.ema.state_dict()['state']['model']
     base = package.lm_state(solver.package)
-    assert any(not torch.equal(ema[k], base[k].to(ema[k])) for k in ema), "the EMA must not equal the base weights"
+    assert any(not torch.equal(ema[k], base[k].to(ema[k])) for k in ema), 'the EMA must not equal the base weights'
 
 
 def test_a_full_disk_stops_with_what_was_kept(in_xp, demo_overrides, monkeypatch):
     import errno
 
     from solvers import atomic, checkpoints
+
     solver = in_xp(demo_overrides + ['optim.epochs=2', 'generate.prompts=[]'])
     solver.run_epoch()
     solver.commit()  # epoch 1 saved normally
 
     def full(state, path):
         raise OSError(errno.ENOSPC, 'No space left on device')
+
     monkeypatch.setattr(atomic, 'save_torch', full)
     solver.run_epoch()
     with pytest.raises(checkpoints.CheckpointError) as err:
@@ -257,10 +273,12 @@ def test_a_full_disk_stops_with_what_was_kept(in_xp, demo_overrides, monkeypatch
 
 def test_samples_default_to_the_datasets_captions(in_xp, demo_overrides, tiny_dataset):
     from solvers import dataprep
+
     solver = in_xp(demo_overrides + ['generate.prompts=null'])
     prompts = solver.sample_prompts()
-    captions = dataprep.manifest_captions(tiny_dataset['valid'], 10) + \
-        dataprep.manifest_captions(tiny_dataset['train'], 10)
+    captions = dataprep.manifest_captions(tiny_dataset['valid'], 10) + dataprep.manifest_captions(
+        tiny_dataset['train'], 10
+    )
     assert len(prompts) == solver.cfg.generate.prompts_from_dataset and set(prompts) <= set(captions)
     assert in_xp(demo_overrides + ['generate.prompts=[]']).sample_prompts() == []
 
@@ -270,8 +288,10 @@ def ckpt_load(path):
 
 
 def test_model_from_package_takes_the_architecture_of_any_package(in_xp, demo_overrides, tmp_path):
-    odd = build_tiny_package(tmp_path / 'odd', overrides=('transformer_lm.num_layers=3', 'transformer_lm.dim=32',
-                                                         'transformer_lm.num_heads=2'))
+    odd = build_tiny_package(
+        tmp_path / 'odd',
+        overrides=('transformer_lm.num_layers=3', 'transformer_lm.dim=32', 'transformer_lm.num_heads=2'),
+    )
     overrides = [o for o in demo_overrides if not o.startswith('pretrained=')]
     with pytest.raises(package.PackageError, match=f'model=from_package pretrained={odd}'):
         in_xp(overrides + [f'pretrained={odd}'])  # the tiny preset is checked against the package...

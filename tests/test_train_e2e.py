@@ -1,4 +1,5 @@
 """Layers 3 and 4: the demo solver end to end through `dora run`, and a re-run that resumes."""
+
 from __future__ import annotations
 
 import json
@@ -54,17 +55,27 @@ def test_samples_are_written_at_minus_14_lufs(trained_xp):
 
 def test_tensorboard_is_one_readable_run_with_curves_first(trained_xp):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     folder = trained_xp['folder']
     runs = {path.parent for path in (folder / 'tensorboard').rglob('events.out.tfevents.*')}
-    assert runs == {folder / 'tensorboard'}, "one run per XP: no per-launch hparams runs"
+    assert runs == {folder / 'tensorboard'}, 'one run per XP: no per-launch hparams runs'
     # The index outputs/tensorboard/<dataset>_<sig> names the run after the data; its dataset here is 'tiny'.
     link = trained_xp['outputs'] / 'tensorboard' / f'tiny_{folder.name}'
     assert link.is_symlink() and link.resolve() == (folder / 'tensorboard').resolve()
     acc = EventAccumulator(str(link), size_guidance={'scalars': 0, 'audio': 0})
     acc.Reload()
     scalars, audio = set(acc.Tags()['scalars']), set(acc.Tags()['audio'])
-    for tag in ('ce/train', 'ce/valid', 'ppl/train', 'ppl/valid', 'ce/train_epoch', 'train/lr', 'train/grad_norm',
-                'train/tokens_per_s', 'train/mem_gb'):
+    for tag in (
+        'ce/train',
+        'ce/valid',
+        'ppl/train',
+        'ppl/valid',
+        'ce/train_epoch',
+        'train/lr',
+        'train/grad_norm',
+        'train/tokens_per_s',
+        'train/mem_gb',
+    ):
         assert tag in scalars, (tag, sorted(scalars))
     assert not any(tag.endswith('duration') for tag in scalars), sorted(scalars)
     # Groups sort alphabetically in TensorBoard: the ce and ppl curves come first.
@@ -81,8 +92,14 @@ def test_rerun_resumes_after_a_kill(tmp_path, demo_overrides):
     """Kill a run after its first epoch checkpoint, re-run the same command: history continues from epoch 2."""
     outputs = tmp_path / 'outputs'
     args = demo_overrides + ['optim.epochs=3']
-    proc = subprocess.Popen([sys.executable, '-m', 'dora', 'run', *args], cwd=ROOT, env=subprocess_env(outputs),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'dora', 'run', *args],
+        cwd=ROOT,
+        env=subprocess_env(outputs),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
@@ -95,12 +112,13 @@ def test_rerun_resumes_after_a_kill(tmp_path, demo_overrides):
         proc.wait()
     folder = found[0].parent
     first = history(folder)
-    assert 1 <= len(first) < 3, "the kill should land before the run finished"
+    assert 1 <= len(first) < 3, 'the kill should land before the run finished'
     saved = torch.load(folder / 'checkpoint.th', weights_only=True)
     assert len(saved['history']) == len(first)
 
     # The checkpoint restores exactly: the rebuilt solver holds the saved weights.
     from solvers import train
+
     train.main.dora.dir = outputs
     solver = train.get_solver_from_xp(train.main.get_xp_from_sig(folder.name), load_best=False, ignore_state_keys=())
     for key, value in solver.model.state_dict().items():
@@ -110,4 +128,4 @@ def test_rerun_resumes_after_a_kill(tmp_path, demo_overrides):
     proc = run_dora(args, outputs)
     assert 'Loading existing checkpoint' in proc.stderr + proc.stdout
     final = history(folder)
-    assert len(final) == 3 and final[:len(first)] == first
+    assert len(final) == 3 and final[: len(first)] == first

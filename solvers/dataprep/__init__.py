@@ -87,15 +87,61 @@ from .state import (
 )
 
 __all__ = [
-    "SAMPLE_RATE", "AUDIO_EXTS", "UNSUPPORTED_EXTS", "CAPTION_KEYS", "PATH_KEYS", "CAPTIONS_FILE_EXTS", "SILENCE_PEAK",
-    "CLIP_LEVEL", "CLIP_REJECT_FRACTION", "CLIP_FLAG_FRACTION", "LONG_CAPTION_CHARS", "METADATA_DURATION_TOLERANCE",
-    "STATE_FILE", "LOCK_FILE", "WAV_SUBDIR", "STATE_VERSION", "NAME_RE", "MIN_SECONDS", "PRESET_MARK", "JSON_TYPES",
-    "REJECTED", "FLAGGED", "INFO", "FIXES", "DatasetError", "PrepareConfig", "Issue", "Source", "ConvertTask",
-    "ConvertResult", "encode_wav_pcm16", "clean_caption", "plan_chunks", "convert_one", "walk_files",
-    "read_json_object", "caption_from_object", "read_captions_file", "discover", "split_of", "assign_splits",
-    "manifest_bytes", "read_manifest", "manifest_captions", "PresetSettings", "preset_settings", "preset_text",
-    "PACKAGE_LINE", "write_preset", "format_report_text", "next_commands", "format_summary", "load_state",
-    "PrepareResult", "prepare",
+    'SAMPLE_RATE',
+    'AUDIO_EXTS',
+    'UNSUPPORTED_EXTS',
+    'CAPTION_KEYS',
+    'PATH_KEYS',
+    'CAPTIONS_FILE_EXTS',
+    'SILENCE_PEAK',
+    'CLIP_LEVEL',
+    'CLIP_REJECT_FRACTION',
+    'CLIP_FLAG_FRACTION',
+    'LONG_CAPTION_CHARS',
+    'METADATA_DURATION_TOLERANCE',
+    'STATE_FILE',
+    'LOCK_FILE',
+    'WAV_SUBDIR',
+    'STATE_VERSION',
+    'NAME_RE',
+    'MIN_SECONDS',
+    'PRESET_MARK',
+    'JSON_TYPES',
+    'REJECTED',
+    'FLAGGED',
+    'INFO',
+    'FIXES',
+    'DatasetError',
+    'PrepareConfig',
+    'Issue',
+    'Source',
+    'ConvertTask',
+    'ConvertResult',
+    'encode_wav_pcm16',
+    'clean_caption',
+    'plan_chunks',
+    'convert_one',
+    'walk_files',
+    'read_json_object',
+    'caption_from_object',
+    'read_captions_file',
+    'discover',
+    'split_of',
+    'assign_splits',
+    'manifest_bytes',
+    'read_manifest',
+    'manifest_captions',
+    'PresetSettings',
+    'preset_settings',
+    'preset_text',
+    'PACKAGE_LINE',
+    'write_preset',
+    'format_report_text',
+    'next_commands',
+    'format_summary',
+    'load_state',
+    'PrepareResult',
+    'prepare',
 ]
 
 
@@ -138,7 +184,7 @@ def _prepare_locked(cfg: PrepareConfig, out_dir: Path, wav_dir: Path) -> Prepare
     state_path = out_dir / STATE_FILE
     tasks = make_tasks(sources, load_state(state_path), wav_dir, params)
     records, converted = _convert_all(cfg, tasks, state_path, issues)
-    kept = {rel: r for rel, r in records.items() if r["status"] == "kept"}
+    kept = {rel: r for rel, r in records.items() if r['status'] == 'kept'}
     stale_removed = remove_stale_outputs(wav_dir, kept)
 
     splits = assign_splits(kept, cfg.valid_fraction)
@@ -146,21 +192,32 @@ def _prepare_locked(cfg: PrepareConfig, out_dir: Path, wav_dir: Path) -> Prepare
     egs_dir = Path(cfg.egs_root) / cfg.name  # type: ignore[arg-type]
     manifests = write_manifests(egs_dir, entries)
     durations = clip_durations(kept)
-    preset, notes = _write_dataset_preset(cfg, egs_dir, durations, has_valid=bool(entries["valid"]))
+    preset, notes = _write_dataset_preset(cfg, egs_dir, durations, has_valid=bool(entries['valid']))
     write_state(state_path, records)  # compact the journal to the current sources
 
     sort_issues(issues)
     if len(kept) == 1:
-        notes.append("Only one usable file: the valid split is empty. Add more files.")
+        notes.append('Only one usable file: the valid split is empty. Add more files.')
     totals = report_totals(issues, records, converted, stale_removed, durations, entries)
-    report = build_report(cfg, facts=facts, params=params, totals=totals, durations=durations, splits=splits,
-                          manifests=manifests, preset=preset, notes=notes, issues=issues)
+    report = build_report(
+        cfg,
+        facts=facts,
+        params=params,
+        totals=totals,
+        durations=durations,
+        splits=splits,
+        manifests=manifests,
+        preset=preset,
+        notes=notes,
+        issues=issues,
+    )
     write_report(out_dir, report)
     return PrepareResult(report, _exit_code(cfg, kept, issues))
 
 
-def _convert_all(cfg: PrepareConfig, tasks: list[ConvertTask], state_path: Path, issues: list[Issue]
-                 ) -> tuple[dict[str, dict[str, Any]], int]:
+def _convert_all(
+    cfg: PrepareConfig, tasks: list[ConvertTask], state_path: Path, issues: list[Issue]
+) -> tuple[dict[str, dict[str, Any]], int]:
     """Run the conversions with a progress bar, journaling each file converted as soon as it is done.
 
     Returns:
@@ -171,9 +228,10 @@ def _convert_all(cfg: PrepareConfig, tasks: list[ConvertTask], state_path: Path,
 
     records: dict[str, dict[str, Any]] = {}
     converted = 0
-    with open(state_path, "ab") as journal:
-        bar = tqdm(total=len(tasks), unit="file", desc=f"prepare {cfg.name}",
-                   disable=None if cfg.progress else True)  # None: only on a terminal
+    with open(state_path, 'ab') as journal:
+        bar = tqdm(
+            total=len(tasks), unit='file', desc=f'prepare {cfg.name}', disable=None if cfg.progress else True
+        )  # None: only on a terminal
         for res in iter_results(tasks, cfg.workers):
             bar.update(1)
             issues.extend(res.issues)
@@ -187,21 +245,22 @@ def _convert_all(cfg: PrepareConfig, tasks: list[ConvertTask], state_path: Path,
     return records, converted
 
 
-def _write_dataset_preset(cfg: PrepareConfig, egs_dir: Path, durations: list[float], has_valid: bool
-                          ) -> tuple[dict[str, Any], list[str]]:
+def _write_dataset_preset(
+    cfg: PrepareConfig, egs_dir: Path, durations: list[float], has_valid: bool
+) -> tuple[dict[str, Any], list[str]]:
     """Write ``config/dataset/<name>.yaml`` with settings from the clips and prompts from the manifests' captions.
 
     Returns:
         The report's ``preset`` entry, and the notes for the user (one if an edited preset was kept).
     """
     ref = manifest_ref(egs_dir)
-    preset_path = Path(cfg.config_root) / f"{cfg.name}.yaml"  # type: ignore[arg-type]
-    captions = manifest_captions(egs_dir / "valid", 4) if has_valid else []
-    captions += [c for c in manifest_captions(egs_dir / "train", 4) if c not in captions]
+    preset_path = Path(cfg.config_root) / f'{cfg.name}.yaml'  # type: ignore[arg-type]
+    captions = manifest_captions(egs_dir / 'valid', 4) if has_valid else []
+    captions += [c for c in manifest_captions(egs_dir / 'train', 4) if c not in captions]
     settings = preset_settings(durations, captions)
     body = preset_text(cfg.name, Path(cfg.dataset_dir), ref, settings)  # type: ignore[arg-type]
     action, note = write_preset(preset_path, body, cfg.force)
-    return {"path": str(preset_path), "action": action, **asdict(settings)}, [note] if note else []
+    return {'path': str(preset_path), 'action': action, **asdict(settings)}, [note] if note else []
 
 
 def _exit_code(cfg: PrepareConfig, kept: dict[str, dict[str, Any]], issues: list[Issue]) -> int:

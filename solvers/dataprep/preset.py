@@ -12,8 +12,8 @@ from .. import atomic
 from ..project import data_root
 from .config import _hash_text, _is_within
 
-PRESET_MARK = "# Written by prepare_dataset (fingerprint "  # first line of generated presets; unedited: updated
-PACKAGE_LINE = "# @package __global__\n"  # Hydra reads it only on the first line
+PRESET_MARK = '# Written by prepare_dataset (fingerprint '  # first line of generated presets; unedited: updated
+PACKAGE_LINE = '# @package __global__\n'  # Hydra reads it only on the first line
 
 
 @dataclass
@@ -52,7 +52,7 @@ def manifest_ref(egs_dir: Path) -> str:
 
 def _yaml_string(text: str) -> str:
     """A YAML double-quoted scalar that OmegaConf won't interpolate."""
-    return json.dumps(text.replace("${", "\\${"), ensure_ascii=False)
+    return json.dumps(text.replace('${', '\\${'), ensure_ascii=False)
 
 
 def preset_text(name: str, dataset_dir: Path, manifest_ref: str, settings: PresetSettings) -> str:
@@ -65,7 +65,7 @@ def preset_text(name: str, dataset_dir: Path, manifest_ref: str, settings: Prese
         settings: values taken from the data and the machine.
     """
     s = settings
-    prompts = "\n".join(f"    - {_yaml_string(p)}" for p in s.prompts) or "    []"
+    prompts = '\n'.join(f'    - {_yaml_string(p)}' for p in s.prompts) or '    []'
     return f"""# Dataset preset for {dataset_dir}.
 # Run: dora run solver=audiogen/tiny dataset={name}      (the tiny stand-in, on a CPU)
 #      dora run solver=audiogen/train dataset={name}     (facebook/audiogen-medium, on a GPU)
@@ -91,28 +91,31 @@ generate:
 
 
 def _preset_file(body: str) -> str:
-    return f"{PACKAGE_LINE}{PRESET_MARK}{_hash_text(body)}; an edited preset is kept on re-runs)\n{body}"
+    return f'{PACKAGE_LINE}{PRESET_MARK}{_hash_text(body)}; an edited preset is kept on re-runs)\n{body}'
 
 
 def _is_unedited(text: str) -> bool:
     """True for a preset written by prepare_dataset and not changed since (its fingerprint still matches)."""
     if not text.startswith(PACKAGE_LINE):
         return False
-    mark, _, body = text[len(PACKAGE_LINE):].partition("\n")
-    return mark.startswith(PRESET_MARK) and mark[len(PRESET_MARK):].startswith(_hash_text(body) + ";")
+    mark, _, body = text[len(PACKAGE_LINE) :].partition('\n')
+    return mark.startswith(PRESET_MARK) and mark[len(PRESET_MARK) :].startswith(_hash_text(body) + ';')
 
 
 def write_preset(path: Path, body: str, force: bool) -> tuple[str, str | None]:
     """Write a dataset preset unless the user edited the existing one; returns (action, note or None)."""
     text = _preset_file(body)
-    old = path.read_text(encoding="utf-8", errors="replace") if path.exists() else None
+    old = path.read_text(encoding='utf-8', errors='replace') if path.exists() else None
     if old == text:
-        return "unchanged", None
+        return 'unchanged', None
     if old is None or force or _is_unedited(old):
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_bytes(path, text.encode("utf-8"))
-        return ("written" if old is None else "overwritten (--force)" if force and not _is_unedited(old)
-                else "updated"), None
-    return ("kept: you edited it; --force replaces it",
-            f"{path} was edited by hand and was kept; compare it with what this run would write (segments, prompts) "
-            "or pass --force to replace it.")
+        atomic.write_bytes(path, text.encode('utf-8'))
+        return (
+            'written' if old is None else 'overwritten (--force)' if force and not _is_unedited(old) else 'updated'
+        ), None
+    return (
+        'kept: you edited it; --force replaces it',
+        f'{path} was edited by hand and was kept; compare it with what this run would write (segments, prompts) '
+        'or pass --force to replace it.',
+    )

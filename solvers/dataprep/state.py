@@ -13,9 +13,9 @@ from typing import Any, BinaryIO
 from .. import atomic
 from .config import DatasetError
 
-STATE_FILE = ".prepare_state.jsonl"
-LOCK_FILE = ".prepare.lock"
-WAV_SUBDIR = "wav"
+STATE_FILE = '.prepare_state.jsonl'
+LOCK_FILE = '.prepare.lock'
+WAV_SUBDIR = 'wav'
 STATE_VERSION = 1
 
 
@@ -27,7 +27,7 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DatasetError(f"Another prepare_dataset run is using {out_dir}; wait for it to finish.") from None
+            raise DatasetError(f'Another prepare_dataset run is using {out_dir}; wait for it to finish.') from None
         yield
     finally:
         os.close(lock_fd)
@@ -36,7 +36,7 @@ def output_lock(out_dir: Path) -> Iterator[None]:
 def remove_temp_files(*folders: Path) -> None:
     """Delete the hidden ``.*.tmp`` files a run that crashed left in ``folders``."""
     for folder in folders:
-        for tmp in folder.glob(".*.tmp"):
+        for tmp in folder.glob('.*.tmp'):
             tmp.unlink(missing_ok=True)
 
 
@@ -52,20 +52,20 @@ def load_state(path: Path) -> dict[str, dict[str, Any]]:
             rec = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(rec, dict) and rec.get("v") == STATE_VERSION and "rel" in rec:
-            records[rec["rel"]] = rec
+        if isinstance(rec, dict) and rec.get('v') == STATE_VERSION and 'rel' in rec:
+            records[rec['rel']] = rec
     return records
 
 
 def append_record(journal: BinaryIO, record: dict[str, Any]) -> None:
     """Append one state record to the open journal and flush it, so that a killed run keeps what it finished."""
-    journal.write((json.dumps(record) + "\n").encode("utf-8"))
+    journal.write((json.dumps(record) + '\n').encode('utf-8'))
     journal.flush()
 
 
 def write_state(path: Path, records: dict[str, dict[str, Any]]) -> None:
     """Compact the journal to ``records``, the current sources, in one atomic write."""
-    state_lines = b"".join((json.dumps(records[r]) + "\n").encode("utf-8") for r in sorted(records))
+    state_lines = b''.join((json.dumps(records[r]) + '\n').encode('utf-8') for r in sorted(records))
     atomic.write_bytes(path, state_lines)
 
 
@@ -74,9 +74,9 @@ def remove_stale_outputs(wav_dir: Path, kept: dict[str, dict[str, Any]]) -> int:
 
     Outputs of files that were deleted, renamed or re-cut go, so that no manifest can point at them.
     """
-    live = {o["name"] for r in kept.values() for o in r["outputs"]}
-    live |= {Path(n).stem + ".json" for n in live}
-    stale = [p for p in wav_dir.iterdir() if p.is_file() and p.name not in live and not p.name.startswith(".")]
+    live = {o['name'] for r in kept.values() for o in r['outputs']}
+    live |= {Path(n).stem + '.json' for n in live}
+    stale = [p for p in wav_dir.iterdir() if p.is_file() and p.name not in live and not p.name.startswith('.')]
     for p in stale:
         p.unlink()
     atomic.fsync_dir(wav_dir)

@@ -1,4 +1,5 @@
 """Explorers for our grids: how `dora grid <name>` turns each XP's history.json into a row of its table."""
+
 from __future__ import annotations
 
 import time
@@ -34,16 +35,26 @@ class AudioGenExplorer(Explorer):
         # shorten=False: Dora's table cuts headers to the width of their values by default ('ce' would become 'c').
         return [
             tt.group('job', [tt.leaf('ping', align='>')], shorten=False),
-            tt.group('train', [
-                tt.leaf('epoch', align='>'),
-                tt.leaf('ce', '.3f'),
-                tt.leaf('ppl', '.2f'),
-            ], align='>', shorten=False),
-            tt.group('valid', [
-                tt.leaf('ce', '.3f'),
-                tt.leaf('ppl', '.2f'),
-                tt.leaf('best_ce', '.3f', display='best'),
-            ], align='>', shorten=False),
+            tt.group(
+                'train',
+                [
+                    tt.leaf('epoch', align='>'),
+                    tt.leaf('ce', '.3f'),
+                    tt.leaf('ppl', '.2f'),
+                ],
+                align='>',
+                shorten=False,
+            ),
+            tt.group(
+                'valid',
+                [
+                    tt.leaf('ce', '.3f'),
+                    tt.leaf('ppl', '.2f'),
+                    tt.leaf('best_ce', '.3f', display='best'),
+                ],
+                align='>',
+                shorten=False,
+            ),
         ]
 
     def process_sheep(self, sheep: Sheep, history: list[dict]) -> dict:

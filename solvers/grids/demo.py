@@ -12,6 +12,7 @@ elsewhere with paths (absolute, or relative to the project root):
     AUDIOGEN_DEMO_VALID       a folder holding the valid data.jsonl.gz
 These become overrides, so they are part of each XP's signature.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,14 +28,14 @@ from ._explorers import AudioGenExplorer
 
 LRS = [1e-3, 3e-4]  # the demo preset's lr and a third of it
 SCHEDULE = {
-    'optim.epochs': 2,               # enough for a history of two rows and a resume point between them
+    'optim.epochs': 2,  # enough for a history of two rows and a resume point between them
     'optim.updates_per_epoch': 5,
-    'schedule.cosine.warmup': 2,     # the preset's 8 would not fit in 2 x 5 updates
-    'generate.every': 2,             # samples once, at the end (not part of the signature)
-    'generate.duration': 1.0,        # seconds per sample: generation on CPU costs more than training here
-    'num_threads': 1,                # one per CPU of the job (below), so two XPs share 2 cores without contention
-    'dataset.num_workers': 0,        # loader processes would only compete for the job's one CPU (each stage
-                                     # starts them afresh: 4 of them made a 5-clip valid take 100 s)
+    'schedule.cosine.warmup': 2,  # the preset's 8 would not fit in 2 x 5 updates
+    'generate.every': 2,  # samples once, at the end (not part of the signature)
+    'generate.duration': 1.0,  # seconds per sample: generation on CPU costs more than training here
+    'num_threads': 1,  # one per CPU of the job (below), so two XPs share 2 cores without contention
+    'dataset.num_workers': 0,  # loader processes would only compete for the job's one CPU (each stage
+    # starts them afresh: 4 of them made a 5-clip valid take 100 s)
 }
 ENV_KEYS = {  # environment variable -> config key it overrides (default: the demo presets' value)
     'AUDIOGEN_DEMO_PRETRAINED': 'pretrained',
@@ -45,21 +46,28 @@ ENV_KEYS = {  # environment variable -> config key it overrides (default: the de
 
 def data_overrides() -> dict[str, str]:
     """Overrides for the env vars that are set; checks that the package and manifests the XPs read exist."""
-    overrides = {key: str(resolve_path(os.environ[env].strip()))
-                 for env, key in ENV_KEYS.items() if os.environ.get(env, '').strip()}
+    overrides = {
+        key: str(resolve_path(os.environ[env].strip()))
+        for env, key in ENV_KEYS.items()
+        if os.environ.get(env, '').strip()
+    }
     for env, key in ENV_KEYS.items():
         if key in overrides and not os.path.exists(overrides[key]):
-            raise SystemExit(f"dora grid demo: {env}={overrides[key]} does not exist. Point it at an existing "
-                             f"{'package folder' if key == 'pretrained' else 'manifest folder'}, or unset it to use "
-                             "the demo's (built by `make demo`).")
+            raise SystemExit(
+                f'dora grid demo: {env}={overrides[key]} does not exist. Point it at an existing '
+                f'{"package folder" if key == "pretrained" else "manifest folder"}, or unset it to use '
+                "the demo's (built by `make demo`)."
+            )
     try:
         cfg = compose(['solver=audiogen/demo', *(f'{k}={v}' for k, v in overrides.items())])
         package.resolve(cfg.pretrained, base_dir=resolve_path('.'))
         for split in ('train', 'valid'):
             read_manifest(resolve_path(cfg.datasource[split]))
     except AudiogenError as err:
-        raise SystemExit(f"dora grid demo: {err} Run `make demo` once to build the demo package and data, or set "
-                         f"{', '.join(ENV_KEYS)} to existing paths.") from None
+        raise SystemExit(
+            f'dora grid demo: {err} Run `make demo` once to build the demo package and data, or set '
+            f'{", ".join(ENV_KEYS)} to existing paths.'
+        ) from None
     return overrides
 
 

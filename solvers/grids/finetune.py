@@ -16,6 +16,7 @@ the effective batch set by `optim.grad_accum_steps`. With `optim.updates_per_epo
 accumulation sees 4x the clips (and takes ~4x the time) per epoch: compare XPs by valid ce at equal clips seen, or
 at the end of their schedule.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,27 +27,31 @@ from ..project import preset_names, user_config_dir
 from ..slurm import slurm_preset
 from ._explorers import AudioGenExplorer
 
-LRS = [1e-5, 3e-5, 1e-4]   # around the preset's 3e-5 (a third of pre-training's 1e-4), a factor ~3 apart
+LRS = [1e-5, 3e-5, 1e-4]  # around the preset's 3e-5 (a third of pre-training's 1e-4), a factor ~3 apart
 GRAD_ACCUM_STEPS = [2, 4, 8]  # x BATCH_SIZE = 16, 32, 64 clips per update (the preset's default is 4)
-BATCH_SIZE = 8             # clips per micro-batch: what one 80 GB GPU holds for 10 s segments in bf16
+BATCH_SIZE = 8  # clips per micro-batch: what one 80 GB GPU holds for 10 s segments in bf16
 
 
 def _required_env(name: str, what: str) -> str:
     value = os.environ.get(name, '').strip()
     if not value:
-        raise SystemExit(f"dora grid finetune: {name} is not set. Set it to {what}, e.g. "
-                         f"AUDIOGEN_DATASET=mysounds AUDIOGEN_PARTITION=gpu dora grid finetune (docs/cluster.md).")
+        raise SystemExit(
+            f'dora grid finetune: {name} is not set. Set it to {what}, e.g. '
+            f'AUDIOGEN_DATASET=mysounds AUDIOGEN_PARTITION=gpu dora grid finetune (docs/cluster.md).'
+        )
     return value
 
 
 def dataset_name() -> str:
     """The dataset preset named by AUDIOGEN_DATASET, checked to exist (config/dataset/ or the data root's)."""
-    name = _required_env('AUDIOGEN_DATASET', "the name of a prepared dataset (config/dataset/<name>.yaml)")
+    name = _required_env('AUDIOGEN_DATASET', 'the name of a prepared dataset (config/dataset/<name>.yaml)')
     known = [preset for preset in preset_names('dataset') if preset != 'template']
     if name not in known:
-        raise SystemExit(f"dora grid finetune: AUDIOGEN_DATASET={name} but {user_config_dir()}/dataset/{name}.yaml "
-                         f"does not exist (known: {', '.join(known) or 'none'}). Prepare it with "
-                         f"`python -m scripts.prepare_dataset /path/to/sounds --name {name}`.")
+        raise SystemExit(
+            f'dora grid finetune: AUDIOGEN_DATASET={name} but {user_config_dir()}/dataset/{name}.yaml '
+            f'does not exist (known: {", ".join(known) or "none"}). Prepare it with '
+            f'`python -m scripts.prepare_dataset /path/to/sounds --name {name}`.'
+        )
     return name
 
 
