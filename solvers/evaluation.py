@@ -551,22 +551,7 @@ def evaluate_models(sources: tp.Sequence[generation.ModelSource], cfg: ReportCon
     judge = Judge(settings, device)
     real = read_real_clips(cfg.real) if cfg.real else []
     folder = _new_folder(cfg.out.expanduser().resolve())
-    report: dict[str, tp.Any] = {
-        'created': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-        'command': cfg.command,
-        'prompts': prompts,
-        'seeds': list(settings.seeds),
-        'params': dataclasses.asdict(cfg.params),
-        'loudness': settings.loudness,
-        'clap_model': settings.clap_model,
-        'device': device,
-        'dataset': str(cfg.real) if cfg.real else None,
-        'versions': generation.versions(),
-        'models': [],
-        'clips': [],
-        'real': {'metrics': {}, 'clips': []},
-        'skipped': {},
-    }
+    report = _new_report(cfg, prompts, settings, device)
     if 'codec' in settings.metrics and not real:
         judge.skipped['codec'] = 'codec fidelity is measured on real clips: pass --dataset NAME.'
     chosen: list[RealClip] | None = None
@@ -582,21 +567,8 @@ def evaluate_models(sources: tp.Sequence[generation.ModelSource], cfg: ReportCon
                 f'{source.given} generates {rate} Hz audio but {sources[0].given} {first_rate} Hz: '
                 'compare models of one sample rate in one report.'
             )
-        run_cfg = generation.RunConfig(
-            prompts=prompts,
-            seeds=list(settings.seeds),
-            params=cfg.params,
-            out=folder / 'clips' / f'{index + 1:02d}_{audio_io.slugify(source.given, 40)}',
-            loudness=settings.loudness,
-            max_batch=settings.max_batch,
-            progress=cfg.progress,
-        )
-        files = generation.run(model, source, run_cfg, device)
-        codec = {}
-        if 'codec' in settings.metrics and real:
-            codec = metrics.codec_fidelity(
-                model.compression_model, [load_audio(c, rate, channels, CODEC_SECONDS) for c in real], rate
-            )
+        out = folder / 'clips' / f'{index + 1:02d}_{audio_io.slugify(source.given, 40)}'
+        files, codec = _generate_with(model, source, out, prompts, cfg, settings, real, device)
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -611,12 +583,62 @@ def evaluate_models(sources: tp.Sequence[generation.ModelSource], cfg: ReportCon
             sig=source.sig,
             epoch=source.epoch,
             seconds=round(time.time() - begin, 1),
-            folder=str(run_cfg.out.relative_to(folder)),
+            folder=str(out.relative_to(folder)),
         )
         report['models'].append(entry)
         report['skipped'].update(entry.pop('skipped'))
     listening.write_report(folder, report)
     return folder
+
+
+def _new_report(cfg: ReportConfig, prompts: list[str], settings: EvalSettings, device: str) -> dict[str, tp.Any]:
+    """The report's settings and provenance, with empty model, clip and real-clip lists to fill."""
+    return {
+        'created': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+        'command': cfg.command,
+        'prompts': prompts,
+        'seeds': list(settings.seeds),
+        'params': dataclasses.asdict(cfg.params),
+        'loudness': settings.loudness,
+        'clap_model': settings.clap_model,
+        'device': device,
+        'dataset': str(cfg.real) if cfg.real else None,
+        'versions': generation.versions(),
+        'models': [],
+        'clips': [],
+        'real': {'metrics': {}, 'clips': []},
+        'skipped': {},
+    }
+
+
+def _generate_with(
+    model: tp.Any,
+    source: generation.ModelSource,
+    out: Path,
+    prompts: list[str],
+    cfg: ReportConfig,
+    settings: EvalSettings,
+    real: list,
+    device: str,
+) -> tuple[list[Path], dict]:
+    """One model's clips (scripts/generate.py's files and sidecars, in ``out``) and its codec scores on ``real``."""
+    run_cfg = generation.RunConfig(
+        prompts=prompts,
+        seeds=list(settings.seeds),
+        params=cfg.params,
+        out=out,
+        loudness=settings.loudness,
+        max_batch=settings.max_batch,
+        progress=cfg.progress,
+    )
+    files = generation.run(model, source, run_cfg, device)
+    codec = {}
+    if 'codec' in settings.metrics and real:
+        rate, channels = int(model.sample_rate), int(model.compression_model.channels)
+        codec = metrics.codec_fidelity(
+            model.compression_model, [load_audio(c, rate, channels, CODEC_SECONDS) for c in real], rate
+        )
+    return files, codec
 
 
 def _score_real(

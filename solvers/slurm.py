@@ -104,6 +104,14 @@ def slurm_parameters(slurm_cfg: DictConfig) -> DictConfig:
     Raises:
         SlurmConfigError: a value is missing, of the wrong type, or one SLURM would refuse.
     """
+    cfg = _checked_keys(slurm_cfg)
+    _map_resources(cfg)
+    _normalise_optional(cfg)
+    return OmegaConf.create(cfg)
+
+
+def _checked_keys(slurm_cfg: DictConfig) -> dict:
+    """The `slurm` node as a dict, once every required key is there, set, and known to Dora (or mapped by us)."""
     if 'partition' not in slurm_cfg or OmegaConf.is_missing(slurm_cfg, 'partition'):
         _fail('partition', 'is not set: name the SLURM partition to run on (`sinfo` lists them)')
     for key in REQUIRED_KEYS:
@@ -124,11 +132,14 @@ def slurm_parameters(slurm_cfg: DictConfig) -> DictConfig:
             f'slurm: unknown key(s) {", ".join(unknown)}; known keys are {", ".join(CPU_ONLY_KEYS + DORA_KEYS)} '
             '(see the docstring of solvers/slurm.py)'
         )
-
     partition = cfg['partition']
     if not isinstance(partition, str) or not partition.strip():
         _fail('partition', f'got {partition!r}: name the SLURM partition to run on (`sinfo` lists them)')
+    return cfg
 
+
+def _map_resources(cfg: dict) -> None:
+    """Check gpus, memory and cpus; map `mem_gb`/`cpus` (CPU-only jobs) onto Dora's per-GPU keys, in place."""
     gpus = _count(cfg, 'gpus', 0, optional=False)
     assert gpus is not None
     if gpus > GPUS_PER_NODE and gpus % GPUS_PER_NODE:
@@ -165,6 +176,9 @@ def slurm_parameters(slurm_cfg: DictConfig) -> DictConfig:
     for key in CPU_ONLY_KEYS:
         cfg.pop(key, None)
 
+
+def _normalise_optional(cfg: dict) -> None:
+    """Check the time limits, optional strings and setup lines, in place (blank strings become null)."""
     if 'time' in cfg:
         _count(cfg, 'time', 1, optional=False)
     if 'max_num_timeout' in cfg:
@@ -181,7 +195,6 @@ def slurm_parameters(slurm_cfg: DictConfig) -> DictConfig:
         if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
             _fail('setup', f'got {setup!r}, expected a list of shell lines, e.g. slurm.setup=\'["module load cuda"]\'')
         cfg['setup'] = setup
-    return OmegaConf.create(cfg)
 
 
 def slurm_preset(name: str, **overrides: tp.Any) -> dict[str, tp.Any]:
