@@ -183,11 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'Listening page: {folder / "index.html"}')
         return 0
 
-    try:
-        return run_cli('audiogen-evaluate', body)
-    except KeyboardInterrupt:
-        print('audiogen-evaluate: interrupted; the report was not written.', file=sys.stderr)
-        return 130
+    return run_cli('audiogen-evaluate', body, interrupted='interrupted; the report was not written.')
 
 
 def _resolve(spec: str, weights: str | None) -> generation.ModelSource:

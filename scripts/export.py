@@ -50,16 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 2 on bad input, 1 on other errors.
     """
     args = build_parser().parse_args(argv)
-    from solvers import export, package
-    from solvers.errors import AudiogenError
+    from solvers.errors import run_cli
 
-    try:
-        out = export.export_xp(
-            args.xp, args.out_dir, weights=args.weights, half=args.half, force=args.force, merge=args.merge
-        )
-    except AudiogenError as err:
-        print(f'audiogen-export: error: {err}', file=sys.stderr)
-        return 2
+    return run_cli('audiogen-export', lambda: _export(args), interrupted='interrupted; nothing was written.')
+
+
+def _export(args: argparse.Namespace) -> int:
+    from solvers import export, package
+
+    out = export.export_xp(
+        args.xp, args.out_dir, weights=args.weights, half=args.half, force=args.force, merge=args.merge
+    )
     print(f'Exported {args.xp} ({args.weights} weights{", float16" if args.half else ""}) to {out}')
     if (out / package.ADAPTER_FILE).is_file():
         print(

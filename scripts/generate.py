@@ -90,41 +90,40 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
-    from solvers.errors import AudiogenError
+    from solvers.errors import run_cli
 
-    try:
-        prompts = list(args.prompts)
-        if args.prompts_file is not None:
-            prompts += generation.read_prompts_file(args.prompts_file)
-        params = generation.GenerationParams(
-            duration=args.duration,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            temperature=args.temperature,
-            cfg_coef=args.cfg_coef,
-            extend_stride=args.extend_stride,
-        )
-        cfg = generation.RunConfig(
-            prompts=prompts,
-            seeds=generation.make_seeds(args.batch_size, args.seed, args.seeds),
-            params=params,
-            out=args.out,
-            fmt=args.format,
-            loudness=args.loudness,
-            max_batch=args.max_batch,
-            progress=not args.no_progress,
-        )
-        cfg.check()
-        device = generation.pick_device(args.device)
-        source = generation.resolve_model(args.model, args.weights)
-        model = generation.load_model(source, device, decoder=args.decoder, dtype=args.dtype)
-        files = generation.run(model, source, cfg, device)
-    except AudiogenError as err:
-        print(f'audiogen-generate: error: {err}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('audiogen-generate: interrupted; the files written so far are complete.', file=sys.stderr)
-        return 130
+    return run_cli(
+        'audiogen-generate', lambda: _generate(args), interrupted='interrupted; the files written so far are complete.'
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    prompts = list(args.prompts)
+    if args.prompts_file is not None:
+        prompts += generation.read_prompts_file(args.prompts_file)
+    params = generation.GenerationParams(
+        duration=args.duration,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        cfg_coef=args.cfg_coef,
+        extend_stride=args.extend_stride,
+    )
+    cfg = generation.RunConfig(
+        prompts=prompts,
+        seeds=generation.make_seeds(args.batch_size, args.seed, args.seeds),
+        params=params,
+        out=args.out,
+        fmt=args.format,
+        loudness=args.loudness,
+        max_batch=args.max_batch,
+        progress=not args.no_progress,
+    )
+    cfg.check()
+    device = generation.pick_device(args.device)
+    source = generation.resolve_model(args.model, args.weights)
+    model = generation.load_model(source, device, decoder=args.decoder, dtype=args.dtype)
+    files = generation.run(model, source, cfg, device)
     folders = sorted({str(path.parent) for path in files})
     print(f'Wrote {len(files)} clip(s) with JSON sidecars to:')
     for folder in folders:

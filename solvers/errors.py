@@ -14,15 +14,19 @@ class AudiogenError(Exception):
     """
 
 
-def run_cli(prog: str, body: tp.Callable[[], int]) -> int:
+def run_cli(prog: str, body: tp.Callable[[], int], interrupted: str = 'interrupted.') -> int:
     """Run a CLI body; an :class:`AudiogenError` becomes ``prog: error: <message>`` on stderr and exit status 2.
 
     Args:
         prog: the program name printed before the message.
         body: the command's work; returns its exit status.
+        interrupted: what a Ctrl-C left behind, printed as ``prog: <interrupted>`` with exit status 130.
     """
     try:
         return body()
     except AudiogenError as err:
         print(f'{prog}: error: {err}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f'{prog}: {interrupted}', file=sys.stderr)
+        return 130
