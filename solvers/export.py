@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import typing as tp
 from pathlib import Path
 
@@ -29,13 +28,13 @@ from . import adapters, atomic, package, project
 from .atomic import save_torch
 from .checkpoints import load_weights_only
 from .errors import AudiogenError
+from .references import find_xp, xps_dir
 
 WEIGHTS = ('best', 'ema', 'last')
 # Where each --weights choice lives in a solver checkpoint.
 WEIGHT_KEYS = {'best': "'best_state'['model']", 'ema': "'ema'['state']['model']", 'last': "'model'"}
 # Config groups that only describe the training machine and data: useless (and misleading) in a package.
 MACHINE_KEYS = ('datasource', 'slurm', 'dora')
-_SIG = re.compile(r'^[0-9a-f]{8}$')
 
 
 class ExportError(AudiogenError, RuntimeError):
@@ -65,43 +64,6 @@ class XPPackage:
     lm_cfg: DictConfig
     lm_state: dict
     adapter: dict | None = None
-
-
-def xps_dir() -> Path:
-    """Where XP folders live: ``<outputs>/xps`` (``AUDIOGEN_OUTPUTS`` overrides the outputs root)."""
-    return project.outputs_dir() / 'xps'
-
-
-def looks_like_sig(text: str) -> bool:
-    """True for strings shaped like a Dora signature (8 lowercase hex digits), optionally as ``//sig/<sig>``."""
-    return bool(_SIG.match(text.removeprefix('//sig/')))
-
-
-def find_xp(spec: str | os.PathLike) -> Path | None:
-    """The XP folder ``spec`` names (a folder holding ``checkpoint.th``, or a signature), else None.
-
-    Raises:
-        ExportError: ``spec`` is shaped like a signature but no such XP exists.
-    """
-    text = str(spec)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return path.resolve() if _has_checkpoint(path) else None
-    if looks_like_sig(text):
-        sig = text.removeprefix('//sig/')
-        folder = xps_dir() / sig
-        if _has_checkpoint(folder):
-            return folder
-        raise ExportError(
-            f'No XP with signature {sig}: {folder} {"has no checkpoint" if folder.is_dir() else "does not exist"}. '
-            f'XPs are looked up under {xps_dir()} (set AUDIOGEN_OUTPUTS to the outputs root of the run, or pass '
-            'the XP folder itself).'
-        )
-    return None
-
-
-def _has_checkpoint(folder: Path) -> bool:
-    return (folder / 'checkpoint.th').is_file() or (folder / 'checkpoint_best.th').is_file()
 
 
 def _load_checkpoint(path: Path) -> dict:

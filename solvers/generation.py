@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import atomic, audio_io, export, fastgen, package
+from . import atomic, audio_io, export, fastgen, package, references
 from .errors import AudiogenError
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class ModelSource:
 
     def cli_reference(self) -> str:
         """The ``--model`` value that finds this model again from any directory."""
-        if self.kind == 'xp' and self.sig and (export.xps_dir() / self.sig).resolve() == Path(self.path).resolve():
+        if self.kind == 'xp' and self.sig and (references.xps_dir() / self.sig).resolve() == Path(self.path).resolve():
             return self.sig
         return self.path
 
@@ -93,36 +93,23 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
         spec: the user's reference.
         weights: best/ema/last; only XPs hold more than one set of weights.
     Raises:
-        GenerationError: unknown reference, or ``weights`` given for a package.
-        export.ExportError: a signature-shaped reference that names no XP.
+        references.ReferenceError: unknown reference, or a signature-shaped one that names no XP.
+        GenerationError: ``weights`` given for a package.
     """
     spec = str(spec).strip()
     if not spec:
         raise GenerationError('--model is empty: pass an HF id, a package directory, or an XP signature/folder.')
     if weights is not None and weights not in export.WEIGHTS:
         raise GenerationError(f'--weights {weights}: choose one of {", ".join(export.WEIGHTS)}.')
-    xp_folder = export.find_xp(spec)
-    if xp_folder is not None:
-        return ModelSource(given=spec, kind='xp', path=str(xp_folder), weights=weights or 'best', sig=xp_folder.name)
+    ref = references.resolve(spec)
+    if ref.kind == 'xp':
+        return ModelSource(given=spec, kind='xp', path=ref.path, weights=weights or 'best', sig=ref.sig)
     if weights not in (None, 'best'):
         raise GenerationError(
             f"--weights {weights} applies to training XPs; '{spec}' is a pretrained package, which "
             "holds one set of weights. Drop --weights, or pass the XP's signature or folder."
         )
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        path = package.local_package(spec) or path  # a bare name, as in `pretrained=tiny`
-    if path.is_dir():
-        return ModelSource(given=spec, kind='package', path=package.resolve(path))
-    if package.is_hub_id(spec):
-        return ModelSource(given=spec, kind='hub', path=spec)
-    raise GenerationError(
-        f"Unknown model '{spec}': it is not a directory (looked for {path.resolve()}), not the signature of an XP "
-        f'under {export.xps_dir()}, not a package under {package.local_packages_dir()}, and not a Hugging Face id '
-        '(owner/name). Pass facebook/audiogen-medium, a '
-        'package directory (state_dict.bin + compression_state_dict.bin, e.g. from scripts/export.py), or an XP '
-        'signature/folder (set AUDIOGEN_OUTPUTS if the run wrote its XPs elsewhere).'
-    )
+    return ModelSource(given=spec, kind=ref.kind, path=ref.path)
 
 
 def pick_device(device: str = 'auto') -> str:

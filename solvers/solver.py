@@ -34,7 +34,7 @@ from audiocraft.solvers.audiogen import AudioGenSolver
 from audiocraft.utils import checkpoint
 from audiocraft.utils.utils import get_dataset_from_loader, with_rank_rng
 
-from . import adapters, atomic, audio_io, dataprep, evaluation, fastgen, lm, package, project
+from . import adapters, atomic, audio_io, dataprep, evaluation, fastgen, lm, package, project, references
 from . import checkpoints as ckpt
 from . import tensorboard as tb_curves
 from .checkpoints import omegaconf_safe_globals
@@ -823,7 +823,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
             source = self.cfg.continue_from or self.package
             if not str(source).startswith('//pretrained/'):
                 self.logger.info('New XP: initialising the LM from %s', source)
-                self.cfg.continue_from = f'//pretrained/{_continue_source(source, self.package)}'
+                self.cfg.continue_from = f'//pretrained/{references.continue_source(source, self.package)}'
         # audiocraft then notes "Ignoring 'load_best' and 'ignore_state_keys' params", about parameters no user set.
         quiet = _DropMessage("Loading a pretrained model. Ignoring 'load_best'")
         self.logger.addFilter(quiet)
@@ -954,27 +954,6 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         self.position.rng = self.rng.state_dict()
         atomic.save_torch(self.state_dict(), self.folder / 'checkpoint_step.th')
         self.logger.info('Step checkpoint at epoch %d update %d', self.epoch, self.position.update)
-
-
-def _continue_source(value: str, pretrained: str) -> str:
-    """Resolve ``continue_from`` (//sig/<sig>, an XP folder, a checkpoint or a package) for load_from_pretrained."""
-    if value == pretrained:
-        return value
-    text = str(value)
-    if text.startswith('//sig/'):
-        path = project.outputs_dir() / 'xps' / text[len('//sig/') :]
-    else:
-        path = project.resolve_path(text)
-    if path.is_dir() and (path / 'checkpoint.th').is_file():
-        return str(path / 'checkpoint.th')
-    if path.is_file():
-        return str(path)
-    if path.is_dir() or package.is_hub_id(text):
-        return text  # another pretrained package
-    raise FileNotFoundError(
-        f'continue_from={text}: no checkpoint at {path}. Use //sig/<signature> of a past XP, an XP folder, a '
-        'checkpoint file or a pretrained package.'
-    )
 
 
 class _ClipByIndex:
