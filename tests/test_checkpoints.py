@@ -272,44 +272,18 @@ def test_two_process_data_parallel_matches_one(tmp_path, demo_overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGUSR2, signal.SIGINT])
-def test_preemption_signal_checkpoints_then_resume_is_exact(tmp_path, resume_args, uninterrupted, signum):
+@pytest.mark.parametrize(
+    'signum, workers',
+    [(signal.SIGTERM, 0), (signal.SIGUSR2, 0), (signal.SIGINT, 0), (signal.SIGINT, 2)],
+    ids=['sigterm', 'sigusr2', 'ctrl-c', 'ctrl-c-with-loader-workers'],
+)
+def test_preemption_signal_checkpoints_then_resume_is_exact(tmp_path, resume_args, uninterrupted, signum, workers):
     """SLURM's SIGTERM (scontrol requeue, preemption), submitit's SIGUSR2 (pre-timeout) or a user's Ctrl-C (SIGINT):
     the run writes a step checkpoint at the next update and exits without a traceback; the re-run ends exactly where
-    an uninterrupted run does."""
+    an uninterrupted run does. A terminal's Ctrl-C reaches the whole foreground process group, so with loader workers
+    (forkserver, the default) the signal goes to the group, the workers included."""
     outputs = tmp_path / 'outputs'
-    args = resume_args + ['dataset.num_workers=0', 'checkpoint.save_every_updates=null']
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 'dora', 'run', *args],
-        cwd=ROOT,
-        env=subprocess_env(outputs),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        logs = list(outputs.glob('xps/*/solver.log.0'))
-        if logs and 'Train | Epoch 1 | 2/6' in logs[0].read_text():
-            break
-        time.sleep(0.02)
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signum and 'Traceback' not in err, err[-3000:]
-    folder = xp_folder(outputs)
-    assert 'checkpointing at the next update' in (folder / 'solver.log.0').read_text()
-    assert (folder / 'checkpoint_step.th').exists() or (folder / 'checkpoint.th').exists()
-    run_dora(args, outputs)
-    assert_same_training_state(uninterrupted, ckpt.safe_load(folder / 'checkpoint.th'))
-
-
-@pytest.mark.slow
-def test_ctrl_c_with_loader_workers_checkpoints_then_resume_is_exact(tmp_path, resume_args, uninterrupted):
-    """A terminal's Ctrl-C reaches the whole foreground process group, the data-loader workers included: the run
-    still checkpoints at the next update and exits 130 without a traceback, and the re-run ends exactly where an
-    uninterrupted run does."""
-    outputs = tmp_path / 'outputs'
-    args = resume_args + ['dataset.num_workers=2', 'checkpoint.save_every_updates=null']  # forkserver workers
+    args = resume_args + [f'dataset.num_workers={workers}', 'checkpoint.save_every_updates=null']
     proc = subprocess.Popen(
         [sys.executable, '-m', 'dora', 'run', *args],
         cwd=ROOT,
@@ -325,11 +299,15 @@ def test_ctrl_c_with_loader_workers_checkpoints_then_resume_is_exact(tmp_path, r
         if logs and 'Train | Epoch 1 | 2/6' in logs[0].read_text():
             break
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the main process and its workers
+    if workers:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and 'Traceback' not in err, err[-3000:]
+    assert proc.returncode == 128 + signum and 'Traceback' not in err, err[-3000:]
     folder = xp_folder(outputs)
     assert 'checkpointing at the next update' in (folder / 'solver.log.0').read_text()
+    assert (folder / 'checkpoint_step.th').exists() or (folder / 'checkpoint.th').exists()
     run_dora(args, outputs)
     assert_same_training_state(uninterrupted, ckpt.safe_load(folder / 'checkpoint.th'))
 
