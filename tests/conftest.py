@@ -43,6 +43,19 @@ def run_dora(
     return proc
 
 
+def start_dora(args: tp.Sequence[str], outputs: Path, stderr: int | None = subprocess.PIPE) -> subprocess.Popen:
+    """`python -m dora run <args>` in the background, in its own process group (a terminal's job), stdout discarded."""
+    return subprocess.Popen(
+        [sys.executable, '-m', 'dora', 'run', *args],
+        cwd=ROOT,
+        env=subprocess_env(outputs),
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
+    )
+
+
 @pytest.fixture(scope='session')
 def tiny_package(tmp_path_factory) -> Path:
     """A tiny random package in facebook/audiogen-medium's layout."""

@@ -6,14 +6,12 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_dora, subprocess_env
+from conftest import run_dora, start_dora
 
 from solvers import atomic
 from solvers import checkpoints as ckpt
@@ -189,15 +187,7 @@ def test_missing_state_fails_loudly_unless_reset(tmp_path, short_run):
 
 def _run_killed(args: list[str], outputs: Path, kill_at: int) -> None:
     """Start `dora run`, SIGKILL it once `kill_at` step/epoch checkpoints were written, then re-run to the end."""
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 'dora', 'run', *args],
-        cwd=ROOT,
-        env=subprocess_env(outputs),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_dora(args, outputs)
     seen, deadline = 0, time.time() + 300
     try:
         marks = set()
@@ -284,15 +274,7 @@ def test_preemption_signal_checkpoints_then_resume_is_exact(tmp_path, resume_arg
     (forkserver, the default) the signal goes to the group, the workers included."""
     outputs = tmp_path / 'outputs'
     args = resume_args + [f'dataset.num_workers={workers}', 'checkpoint.save_every_updates=null']
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 'dora', 'run', *args],
-        cwd=ROOT,
-        env=subprocess_env(outputs),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_dora(args, outputs)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         logs = list(outputs.glob('xps/*/solver.log.0'))

@@ -7,13 +7,12 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import soundfile
 import torch
-from conftest import ROOT, run_dora, subprocess_env
+from conftest import run_dora, start_dora
 
 from solvers import audio_io
 
@@ -92,14 +91,7 @@ def test_rerun_resumes_after_a_kill(tmp_path, demo_overrides):
     """Kill a run after its first epoch checkpoint, re-run the same command: history continues from epoch 2."""
     outputs = tmp_path / 'outputs'
     args = demo_overrides + ['optim.epochs=3']
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 'dora', 'run', *args],
-        cwd=ROOT,
-        env=subprocess_env(outputs),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_dora(args, outputs, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
