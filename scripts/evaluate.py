@@ -59,11 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument('--seed', type=int, default=0, help='seed of the first clip of each prompt (default: 0)')
     parser.add_argument('--seeds', type=int, nargs='+', help='exact seeds (overrides --batch_size)')
-    parser.add_argument('--duration', type=float, default=5.0, help='seconds per clip (default: %(default)s)')
-    parser.add_argument('--top_k', '--top-k', type=int, default=250, help='top-k sampling, 0 = off (default: 250)')
-    parser.add_argument('--top_p', '--top-p', type=float, default=0.0, help='nucleus sampling, 0 = off (default: 0)')
-    parser.add_argument('--temperature', type=float, default=1.0, help='0 = greedy decoding (default: 1)')
-    parser.add_argument('--cfg_coef', '--cfg-coef', type=float, default=3.0, help='classifier-free guidance (3)')
+    generation.add_sampling_arguments(parser, extend_stride=False)
     parser.add_argument(
         '--clap-model',
         default='laion/larger_clap_general',
@@ -156,13 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch=args.max_batch,
             loudness=args.loudness,
         )
-        params = generation.GenerationParams(
-            duration=args.duration,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            temperature=args.temperature,
-            cfg_coef=args.cfg_coef,
-        )
+        params = generation.sampling_params(args)
         if args.max_batch < 1:
             raise AudiogenError(f'--max-batch must be >= 1, got {args.max_batch}.')
         if args.references is not None and args.references < 2:

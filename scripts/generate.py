@@ -45,19 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument('--seed', type=int, default=0, help='seed of the first variation (default: %(default)s)')
     parser.add_argument('--seeds', type=int, nargs='+', help='exact seeds to generate (overrides --batch_size)')
-    parser.add_argument('--duration', type=float, default=5.0, help='seconds per clip (default: %(default)s)')
-    parser.add_argument('--top_k', '--top-k', type=int, default=250, help='top-k sampling, 0 = off (default: 250)')
-    parser.add_argument('--top_p', '--top-p', type=float, default=0.0, help='nucleus sampling, 0 = off (default: 0)')
-    parser.add_argument('--temperature', type=float, default=1.0, help='0 = greedy decoding (default: 1)')
-    parser.add_argument(
-        '--cfg_coef', '--cfg-coef', type=float, default=3.0, help='classifier-free guidance (default: 3)'
-    )
-    parser.add_argument(
-        '--extend-stride',
-        type=float,
-        default=None,
-        help='seconds per sliding-window step beyond the model window (default: 2, at most half the window)',
-    )
+    generation.add_sampling_arguments(parser)
     parser.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda, cuda:N')
     parser.add_argument(
         '--decoder',
@@ -101,14 +89,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = list(args.prompts)
     if args.prompts_file is not None:
         prompts += generation.read_prompts_file(args.prompts_file)
-    params = generation.GenerationParams(
-        duration=args.duration,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        temperature=args.temperature,
-        cfg_coef=args.cfg_coef,
-        extend_stride=args.extend_stride,
-    )
+    params = generation.sampling_params(args)
     cfg = generation.RunConfig(
         prompts=prompts,
         seeds=generation.make_seeds(args.batch_size, args.seed, args.seeds),

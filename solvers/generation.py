@@ -399,6 +399,47 @@ class Item:
     folder: Path | None = None
 
 
+def add_sampling_arguments(parser: tp.Any, extend_stride: bool = True) -> None:
+    """The sampling options of the generate and evaluate CLIs, with :class:`GenerationParams`' defaults."""
+    d = GenerationParams()
+    parser.add_argument('--duration', type=float, default=d.duration, help='seconds per clip (default: %(default)s)')
+    parser.add_argument(
+        '--top_k', '--top-k', type=int, default=d.top_k, help='top-k sampling, 0 = off (default: %(default)s)'
+    )
+    parser.add_argument(
+        '--top_p', '--top-p', type=float, default=d.top_p, help='nucleus sampling, 0 = off (default: %(default)s)'
+    )
+    parser.add_argument(
+        '--temperature', type=float, default=d.temperature, help='0 = greedy decoding (default: %(default)s)'
+    )
+    parser.add_argument(
+        '--cfg_coef',
+        '--cfg-coef',
+        type=float,
+        default=d.cfg_coef,
+        help='classifier-free guidance (default: %(default)s)',
+    )
+    if extend_stride:
+        parser.add_argument(
+            '--extend-stride',
+            type=float,
+            default=d.extend_stride,
+            help='seconds per sliding-window step beyond the model window (default: 2, at most half the window)',
+        )
+
+
+def sampling_params(args: tp.Any) -> GenerationParams:
+    """The :class:`GenerationParams` of parsed :func:`add_sampling_arguments` options."""
+    return GenerationParams(
+        duration=args.duration,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        cfg_coef=args.cfg_coef,
+        extend_stride=getattr(args, 'extend_stride', None),
+    )
+
+
 def check_prompts(prompts: tp.Sequence[str]) -> list[str]:
     """Strip prompts, refuse empty ones, drop exact duplicates (with a warning), keep the order."""
     if not prompts:
