@@ -225,12 +225,13 @@ def time_decoders(
             reference = tokens if reference is None else reference
             identical[decoder] &= tokens.shape == reference.shape and bool((tokens == reference).all())
     if profile:
-        print_profile(lambda: once('fast'))
+        for decoder in decoders:
+            print_profile(lambda: once(decoder), decoder)  # noqa: B023 (called at once)
     model.decoder = 'fast'
     return {'median': {d: statistics.median(v) for d, v in times.items()}, 'range': times, 'identical': identical}
 
 
-def print_profile(fn: tp.Callable[[], tp.Any], rows: int = 14) -> None:
+def print_profile(fn: tp.Callable[[], tp.Any], decoder: str, rows: int = 14) -> None:
     """Where one run's time goes: torch's profiler, operators by self time, and the share outside operators."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -241,7 +242,7 @@ def print_profile(fn: tp.Callable[[], tp.Any], rows: int = 14) -> None:
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     print(
-        f'\nprofile of one fast run: {wall:.2f} s wall (profiled), {total:.2f} s in torch operators, '
+        f'\nprofile of one {decoder} run: {wall:.2f} s wall (profiled), {total:.2f} s in torch operators, '
         f'{max(0.0, wall - total):.2f} s elsewhere (Python, sampling bookkeeping, profiler overhead)'
     )
     print('| operator | self s | share | calls |\n|---|---|---|---|')
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument('--duration', type=float, default=5.0, help='seconds per clip (beyond 10 s: sliding window)')
     dec.add_argument('--repeats', type=int, default=3)
     dec.add_argument('--sampling', action='store_true', help='top-k 250 with per-item seeds instead of greedy')
-    dec.add_argument('--profile', action='store_true', help='profile one fast run at the largest batch')
+    dec.add_argument('--profile', action='store_true', help='profile one run of each decoder at the largest batch')
     dec.add_argument(
         '--decoders',
         nargs='+',

@@ -12,7 +12,6 @@ Usage: python -m scripts.demo_report solver=audiogen/demo     (the same override
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import typing as tp
@@ -77,9 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--seeds', type=int, default=4, help='clips per caption (seeds 0..N-1; default: 4)')
     parser.add_argument('--duration', type=float, default=2.0, help='seconds per clip (default: 2, as the samples)')
     args = parser.parse_args(argv)
-    from solvers import demo_classifier, export, train
+    from solvers.errors import run_cli
+
+    return run_cli('demo_report', lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> int:
+    """Judge the XP's base package and its fine-tune, print the table and write ``demo_report.json``."""
+    from solvers import atomic, demo_classifier, export, train
     from solvers.demo_data import CLASS_NAMES, NEW_CLASSES, select_classes
-    from solvers.errors import AudiogenError
 
     xp = train.main.get_xp_from_sig(args.sig) if args.sig else train.main.get_xp(args.overrides)
     if not (xp.folder / 'checkpoint.th').exists():
@@ -87,18 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     begin = time.perf_counter()
     seeds = list(range(args.seeds))
-    try:
-        base = export.load_xp(xp.folder).package
-        classifier = demo_classifier.load()
-        before = judge(base, CLASS_NAMES, seeds, args.duration, classifier)
-        after = judge(str(xp.folder), CLASS_NAMES, seeds, args.duration, classifier)
-    except AudiogenError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
+    base = export.load_xp(xp.folder).package
+    classifier = demo_classifier.load()
+    before = judge(base, CLASS_NAMES, seeds, args.duration, classifier)
+    after = judge(str(xp.folder), CLASS_NAMES, seeds, args.duration, classifier)
     per_prompt = f'{args.duration:g} s clips, 3 captions x {len(seeds)} seeds per class'
     print('\n'.join(table(before, after, xp.sig, per_prompt)))
     right, total = accuracy(after, NEW_CLASSES)
-    report = {
+    results = {
         'sig': xp.sig,
         'package': base,
         'seeds': seeds,
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         'new_classes_after': right / total,
         'new_classes_before': accuracy(before, NEW_CLASSES)[0] / total,
     }
-    (xp.folder / 'demo_report.json').write_text(json.dumps(report, indent=1) + '\n')
+    atomic.write_json(xp.folder / 'demo_report.json', results)
     print(
         f'(generated and judged {2 * len(CLASS_NAMES) * 3 * len(seeds)} clips in '
         f'{time.perf_counter() - begin:.0f} s; details in {xp.folder / "demo_report.json"})'

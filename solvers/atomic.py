@@ -136,6 +136,24 @@ def open_dir(path: str | os.PathLike) -> tp.Iterator[Path]:
     fsync_dir(path.parent)
 
 
+def new_dir(parent: str | os.PathLike, name: str, attempts: int = 10_000) -> Path:
+    """Create and return ``parent/name``, or ``name-1``, ``name-2``... when taken (two runs never share one).
+
+    Raises:
+        FileExistsError: all ``attempts`` names are taken.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(attempts):
+        folder = parent / (name if n == 0 else f'{name}-{n}')
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f'{attempts} folders named {name} or {name}-N already exist in {parent}')
+
+
 def remove(path: str | os.PathLike) -> None:
     """Delete a file durably (a no-op when it is absent)."""
     path = Path(path)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from . import audio_io, fastgen, generation, metrics, project
+from . import atomic, audio_io, fastgen, generation, metrics, project
 from .metrics import DEFAULT_CLAP, MetricsError
 
 logger = logging.getLogger(__name__)
@@ -519,15 +519,10 @@ class ReportConfig:
 
 def _new_folder(root: Path) -> Path:
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-    root.mkdir(parents=True, exist_ok=True)
-    for n in range(1000):
-        folder = root / (stamp if n == 0 else f'{stamp}-{n}')
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-    raise MetricsError(f'Too many evaluation folders named {stamp} in {root}.')
+    try:
+        return atomic.new_dir(root, stamp, attempts=1000)
+    except FileExistsError as err:
+        raise MetricsError(f'{err}: remove old evaluations or pass another --out.') from err
 
 
 def _model_label(source: generation.ModelSource) -> str:

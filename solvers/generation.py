@@ -223,7 +223,7 @@ def load_model(source: ModelSource, device: str = 'cpu', decoder: str = 'fast', 
         name = f'xp:{xp.sig}:{xp.weights}'
     else:
         pkg = source.path
-        cfg, state = package.lm_config(pkg), package.lm_state(pkg)
+        cfg, state = package.load_lm(pkg)
         name = source.path
     window = float(cfg.dataset.segment_duration)
     if window <= 2:
@@ -550,16 +550,10 @@ def versions() -> dict:
 
 def allocate_folder(root: Path, prompt: str, stamp: str) -> Path:
     """Create ``root/<slug>/<stamp>`` (``<stamp>-1``, ``-2``... when taken) and return it."""
-    parent = root / audio_io.slugify(prompt)
-    parent.mkdir(parents=True, exist_ok=True)
-    for n in range(10_000):
-        folder = parent / (stamp if n == 0 else f'{stamp}-{n}')
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-    raise GenerationError(f'Too many runs named {stamp} in {parent}.')
+    try:
+        return atomic.new_dir(root / audio_io.slugify(prompt), stamp)
+    except FileExistsError as err:
+        raise GenerationError(f'{err}: remove old runs or pass another --out.') from err
 
 
 def _finite(value: float) -> float | None:

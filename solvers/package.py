@@ -191,12 +191,33 @@ def adapter_export(package: str) -> dict | None:
 def base_of(package: str) -> str:
     """The package whose codec and base weights ``package`` uses: itself, or an adapter export's base."""
     data = adapter_export(package)
-    if data is None:
-        return package
+    return package if data is None else _base_of_export(package, data)
+
+
+def _base_of_export(package: str, data: dict) -> str:
     try:
         return resolve(str(data['base']))
     except PackageError as err:
         raise PackageError(f"The adapter export {package} sits on the base package '{data['base']}': {err}") from err
+
+
+def load_lm(package: str) -> tuple[DictConfig, dict]:
+    """The LM's training config (``xp.cfg``) and weights (``best_state``), each package file read once.
+
+    An adapter export's weights are its adapters merged into its base package's LM.
+    """
+    adapter = adapter_export(package)
+    if adapter is not None:
+        from .adapters import merge_state
+
+        base = _base_of_export(package, adapter)
+        _, base_state = load_lm(base)
+        cfg = OmegaConf.create(adapter['xp.cfg'])
+        return cfg, merge_state(base_state, adapter['adapter_state'], adapter['adapter_layout'])
+    pkg = load_file(package, LM_FILE)
+    if 'xp.cfg' not in pkg or 'best_state' not in pkg:
+        raise PackageError(f"{package}/{LM_FILE} must hold 'xp.cfg' and 'best_state'; it has {sorted(pkg)}.")
+    return OmegaConf.create(pkg['xp.cfg']), pkg['best_state']
 
 
 def lm_config(package: str) -> DictConfig:
@@ -204,20 +225,12 @@ def lm_config(package: str) -> DictConfig:
     adapter = adapter_export(package)
     if adapter is not None:
         return OmegaConf.create(adapter['xp.cfg'])
-    pkg = load_file(package, LM_FILE)
-    if 'xp.cfg' not in pkg or 'best_state' not in pkg:
-        raise PackageError(f"{package}/{LM_FILE} must hold 'xp.cfg' and 'best_state'; it has {sorted(pkg)}.")
-    return OmegaConf.create(pkg['xp.cfg'])
+    return load_lm(package)[0]
 
 
 def lm_state(package: str) -> dict:
     """The LM weights (``best_state``) stored in the package; an adapter export's are merged into its base."""
-    adapter = adapter_export(package)
-    if adapter is not None:
-        from .adapters import merge_state
-
-        return merge_state(lm_state(base_of(package)), adapter['adapter_state'], adapter['adapter_layout'])
-    return load_file(package, LM_FILE)['best_state']
+    return load_lm(package)[1]
 
 
 def load_compression_model(package: str, device: str | torch.device = 'cpu'):

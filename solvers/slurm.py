@@ -152,27 +152,24 @@ def _map_resources(cfg: dict) -> None:
     mem_gb = _gigabytes(cfg, 'mem_gb')
     cpus_per_gpu = _count(cfg, 'cpus_per_gpu', 1, optional=True)
     cpus = _count(cfg, 'cpus', 1, optional=True)
-    if gpus == 0:
-        for key, value in (('mem_per_gpu', mem_per_gpu), ('cpus_per_gpu', cpus_per_gpu)):
-            if value is not None:
-                other = 'mem_gb' if key == 'mem_per_gpu' else 'cpus'
-                _fail(
-                    key,
-                    f'is {value} but the job has no GPU (slurm.gpus=0): set slurm.{other} for a CPU-only '
-                    f'job and slurm.{key}=null',
-                )
-        # dora/shep.py counts a job without GPUs as one GPU slot per node: mem = mem_per_gpu * 1, no --gres.
-        cfg['mem_per_gpu'], cfg['cpus_per_gpu'] = mem_gb, cpus
-    else:
-        for key, value in (('mem_gb', mem_gb), ('cpus', cpus)):
-            if value is not None:
-                other = 'mem_per_gpu' if key == 'mem_gb' else 'cpus_per_gpu'
-                _fail(
-                    key,
-                    f'is {value} but applies to CPU-only jobs (slurm.gpus=0); this job has {gpus} GPU(s): '
-                    f'set slurm.{other} and slurm.{key}=null',
-                )
-        cfg['mem_per_gpu'], cfg['cpus_per_gpu'] = mem_per_gpu, cpus_per_gpu
+    for job_key, job_value, gpu_key, gpu_value in (
+        ('mem_gb', mem_gb, 'mem_per_gpu', mem_per_gpu),
+        ('cpus', cpus, 'cpus_per_gpu', cpus_per_gpu),
+    ):
+        if gpus == 0 and gpu_value is not None:
+            _fail(
+                gpu_key,
+                f'is {gpu_value} but the job has no GPU (slurm.gpus=0): set slurm.{job_key} for a CPU-only '
+                f'job and slurm.{gpu_key}=null',
+            )
+        if gpus > 0 and job_value is not None:
+            _fail(
+                job_key,
+                f'is {job_value} but applies to CPU-only jobs (slurm.gpus=0); this job has {gpus} GPU(s): '
+                f'set slurm.{gpu_key} and slurm.{job_key}=null',
+            )
+    # dora/shep.py counts a job without GPUs as one GPU slot per node: mem = mem_per_gpu * 1, no --gres.
+    cfg['mem_per_gpu'], cfg['cpus_per_gpu'] = (mem_gb, cpus) if gpus == 0 else (mem_per_gpu, cpus_per_gpu)
     for key in CPU_ONLY_KEYS:
         cfg.pop(key, None)
 

@@ -180,6 +180,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         self.rng = ckpt.RNGState(self._private_generators)
         self.position = ckpt.EpochPosition()  # where the current epoch stands, for step checkpoints
         self._stop_signal: int | None = None  # a preemption/timeout signal waiting for the next update boundary
+        self._package_state: dict | None = None  # the package LM weights, between build_model and their first use
         self._epochs_run = 0  # epochs trained by this process (0 after a re-run of a finished XP)
         super().__init__(cfg)
         # RNG states make resume exact: the next epoch sees the same data order and dropout draws.
@@ -189,7 +190,9 @@ class AudioGenFinetuneSolver(AudioGenSolver):
     def build_model(self) -> None:
         """Load the codec and LM architecture from the package, then build the LM, optimizer, schedule and scaler."""
         self.package = package.resolve(self.cfg.pretrained, base_dir=project.resolve_path('.'))
-        package.check_and_merge(self.cfg, package.lm_config(self.package), self.cfg.pretrained)
+        # The package's LM file is read once: its config now, its weights (memory-mapped) by the first user.
+        package_cfg, self._package_state = package.load_lm(self.package)
+        package.check_and_merge(self.cfg, package_cfg, self.cfg.pretrained)
         self.compression_model = package.load_compression_model(self.package, self.device)
         codec = self.compression_model
         for key, ours, theirs in (
@@ -245,7 +248,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
 
     def _build_adapters(self) -> None:
         """Load the package's weights into the base, add LoRA adapters, and prove the output didn't change."""
-        self.model.load_state_dict(package.lm_state(self.package))
+        self.model.load_state_dict(self._take_package_state())
         before = self._probe_logits()
         self.lora = adapters.inject_lora(self.model, self.cfg.adapter)
         after = self._probe_logits()
@@ -303,8 +306,15 @@ class AudioGenFinetuneSolver(AudioGenSolver):
                     f'adapters over another package, pass pretrained={name} instead.'
                 )
             return {'best_state': {'model': {k: v.clone() for k, v in self.adapter.state_dict().items()}}}
-        pkg = self.package if name == self.package else package.resolve(name, base_dir=project.resolve_path('.'))
+        if name == self.package:
+            return {'best_state': {'model': self._take_package_state()}}
+        pkg = package.resolve(name, base_dir=project.resolve_path('.'))
         return {'best_state': {'model': package.lm_state(pkg)}}
+
+    def _take_package_state(self) -> dict:
+        """The package's LM weights read by :meth:`build_model` (handed over once; read again after that)."""
+        state, self._package_state = self._package_state, None
+        return package.lm_state(self.package) if state is None else state
 
     def initialize_ema(self) -> None:
         """Build the EMA, and make its step a no-op after an update the non-finite guard skipped."""
@@ -804,6 +814,12 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         warning, never silently ignored), and fails if a part of the state is missing unless
         `checkpoint.reset` names it.
         """
+        try:
+            return self._load_checkpoints(load_best, ignore_state_keys)
+        finally:
+            self._package_state = None  # a resume never needs the package's weights: don't hold them
+
+    def _load_checkpoints(self, load_best: bool, ignore_state_keys: list[str]) -> dict | None:
         folder = self.folder
         stale = ckpt.clean_stale_tmp(folder) if flashy.distrib.is_rank_zero() else []
         if stale:

@@ -15,7 +15,40 @@ import pytest
 
 os.environ['HF_HUB_OFFLINE'] = '1'  # no test may reach the hub
 os.environ['TRANSFORMERS_OFFLINE'] = '1'
+# `make test` runs the tests on parallel pytest-xdist workers, each starting torch processes with their configured
+# threads: OpenMP threads that spin while another process holds the core turn a millisecond step into a second.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 ROOT = Path(__file__).resolve().parents[1]
+# Session fixtures that run a whole XP: their users share one xdist worker rather than each worker running it.
+SHARED_RUNS = ('trained_xp',)
+
+
+def _xdist_group(item: pytest.Item) -> str | None:
+    """The worker group of a test under ``--dist loadgroup``: tests that share a costly fixture, or SLURM."""
+    if item.get_closest_marker('slurm') or 'local_slurm' in item.fixturenames:
+        return 'slurm'  # one local SLURM node: its tests run one at a time, in order
+    infos = getattr(item, '_fixtureinfo', None)
+    defs = infos.name2fixturedefs if infos is not None else {}
+    for name in sorted(item.fixturenames):
+        scope = defs[name][-1].scope if defs.get(name) else None
+        if scope == 'module':
+            return f'{item.path.name}::{name}'
+        if name in SHARED_RUNS:
+            return name
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group tests for xdist; under xdist, hand out the groups and tests holding slow tests first."""
+    groups = {}
+    for item in items:
+        group = groups[item.nodeid] = _xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    if not getattr(config.option, 'numprocesses', None):
+        return  # in one process, the file order keeps each module's fixtures built once
+    slow = {groups[i.nodeid] or i.nodeid for i in items if i.get_closest_marker('slow')}
+    items.sort(key=lambda i: (groups[i.nodeid] or i.nodeid) not in slow)
 
 
 def subprocess_env(outputs: Path | None = None) -> dict[str, str]:

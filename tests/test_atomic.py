@@ -47,3 +47,10 @@ def test_a_folder_is_replaced_whole(tmp_path):
         atomic.write_text(tmp / 'b.txt', 'third')
     assert sorted(p.name for p in out.iterdir()) == ['b.txt']
     assert sorted(p.name for p in tmp_path.iterdir()) == ['export']
+
+
+def test_new_dir_takes_the_next_free_name_and_says_when_none_is_left(tmp_path):
+    assert atomic.new_dir(tmp_path / 'runs', 'x') == tmp_path / 'runs' / 'x'
+    assert atomic.new_dir(tmp_path / 'runs', 'x') == tmp_path / 'runs' / 'x-1'
+    with pytest.raises(FileExistsError, match='2 folders named x or x-N already exist'):
+        atomic.new_dir(tmp_path / 'runs', 'x', attempts=2)

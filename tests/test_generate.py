@@ -361,3 +361,17 @@ def test_progress_in_a_log_is_one_line_per_batch(tmp_path, tiny_package, capsys)
         'generating: batch 1/2 (2 clips)',
         'generating: batch 2/2 (1 clip)',
     ], err
+
+
+def test_a_model_load_reads_each_package_file_once(tiny_package, monkeypatch):
+    """Config and weights come from one read of state_dict.bin, the codec from one of compression_state_dict.bin."""
+    reads: list[str] = []
+    original = package.load_file
+
+    def counting(pkg: str, filename: str) -> dict:
+        reads.append(filename)
+        return original(pkg, filename)
+
+    monkeypatch.setattr(package, 'load_file', counting)
+    generation.load_model(generation.resolve_model(str(tiny_package)), 'cpu')
+    assert sorted(reads) == sorted([package.LM_FILE, package.COMPRESSION_FILE])

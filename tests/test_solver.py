@@ -50,7 +50,13 @@ def restore(solver, state: dict) -> None:
     solver.lr_scheduler.load_state_dict(state['lr_scheduler'])
 
 
-def test_training_starts_from_the_package_weights(in_xp, demo_overrides, tiny_package):
+def test_training_starts_from_the_package_weights(in_xp, demo_overrides, tiny_package, monkeypatch):
+    reads: list[str] = []
+    original = package.load_file
+    monkeypatch.setattr(package, 'load_file', lambda pkg, name: reads.append(name) or original(pkg, name))
+    solver = in_xp(demo_overrides)
+    solver.restore()  # the package's LM file is read once for the config and the initial weights
+    assert sorted(reads) == sorted([package.LM_FILE, package.COMPRESSION_FILE])
     solver = in_xp(demo_overrides)
     expected = package.lm_state(str(tiny_package))
     before = {k: v.clone() for k, v in solver.model.state_dict().items()}
