@@ -30,11 +30,13 @@ demo: $(VENV)/.synced
 	@$(PY) -m scripts.show_xp solver=audiogen/demo
 	@$(PY) -m scripts.demo_report solver=audiogen/demo
 
+# One pytest-xdist worker per core; tests sharing a costly fixture or the local SLURM stay on one worker
+# (tests/conftest.py groups them), and the groups holding slow tests are handed out first.
 test: $(VENV)/.synced
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadgroup
 
 test-fast: $(VENV)/.synced
-	$(PY) -m pytest -m "not slow and not slurm"
+	$(PY) -m pytest -n auto --dist loadgroup -m "not slow and not slurm"
 
 lint: $(VENV)/.synced
 	$(VENV)/bin/ruff check solvers scripts tests benchmarks hatch_build.py

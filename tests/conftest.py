@@ -24,17 +24,21 @@ SHARED_RUNS = ('trained_xp',)
 
 
 def _xdist_group(item: pytest.Item) -> str | None:
-    """The worker group of a test under ``--dist loadgroup``: tests that share a costly fixture, or SLURM."""
+    """The worker group of a test under ``--dist loadgroup``: SLURM, or a costly fixture it shares with others.
+
+    Shared fixtures are those of a test file (module or session scope) and :data:`SHARED_RUNS`; the conftest's
+    session fixtures (a tiny package, a tiny dataset) are cheap enough to build on each worker.
+    """
     if item.get_closest_marker('slurm') or 'local_slurm' in item.fixturenames:
         return 'slurm'  # one local SLURM node: its tests run one at a time, in order
     infos = getattr(item, '_fixtureinfo', None)
     defs = infos.name2fixturedefs if infos is not None else {}
     for name in sorted(item.fixturenames):
-        scope = defs[name][-1].scope if defs.get(name) else None
-        if scope == 'module':
-            return f'{item.path.name}::{name}'
+        fixturedef = defs[name][-1] if defs.get(name) else None
         if name in SHARED_RUNS:
             return name
+        if fixturedef is not None and fixturedef.scope in ('module', 'session') and fixturedef.baseid.endswith('.py'):
+            return f'{fixturedef.baseid}::{name}'
     return None
 
 
