@@ -42,6 +42,7 @@ def _xdist_group(item: pytest.Item) -> str | None:
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook, which turns the marks into node id suffixes
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Group tests for xdist; under xdist, hand out the groups and tests holding slow tests first."""
     groups = {}
@@ -49,7 +50,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = groups[item.nodeid] = _xdist_group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-    if not getattr(config.option, 'numprocesses', None):
+    if 'PYTEST_XDIST_WORKER' not in os.environ:
         return  # in one process, the file order keeps each module's fixtures built once
     slow = {groups[i.nodeid] or i.nodeid for i in items if i.get_closest_marker('slow')}
     items.sort(key=lambda i: (groups[i.nodeid] or i.nodeid) not in slow)
@@ -189,3 +190,17 @@ def in_xp(tmp_path, monkeypatch):
     yield build
     for ctx in built:
         ctx.__exit__(None, None, None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Fail rather than run grouped tests apart: pytest-xdist marks a group by suffixing node ids with ``@group``."""
+    if not getattr(session.config.option, 'loadgroup', False):
+        return
+    lost = [i.nodeid for i in session.items if i.get_closest_marker('xdist_group') and '@' not in i.nodeid]
+    if lost:
+        message = (
+            f'pytest-xdist did not apply xdist_group to {lost[0]} (and {len(lost) - 1} more): this pytest and '
+            'pytest-xdist no longer work together for --dist loadgroup; keep the versions uv.lock pins.'
+        )
+        print(message, file=sys.__stderr__, flush=True)  # a worker's exception reaches the terminal as a traceback
+        raise pytest.UsageError(message)
