@@ -3,7 +3,7 @@
 Examples:
   audiogen-evaluate facebook/audiogen-medium 0f95cd25 --dataset mysounds      (the base model vs a fine-tune)
   audiogen-evaluate exports/rain --prompts-file prompts.txt --batch_size 8
-  audiogen-evaluate outputs/pretrained/tiny 852a4c6f --dataset demo --clap-model tiny --duration 2   (offline demo)
+  audiogen-evaluate outputs/pretrained/tiny 94489a9d --dataset demo --clap-model tiny --duration 2   (offline demo)
 
 Scores (docs/evaluate.md): CLAP score (higher is better), KAD and FAD to the dataset's valid clips (lower is
 better), the codec's fidelity on those clips, and optionally the PaSST KL. Clips are generated exactly as
@@ -47,18 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help='with --dataset and no prompts given: this many distinct valid captions (default: all)',
     )
-    parser.add_argument(
-        '--weights', choices=('best', 'ema', 'last'), default=None, help='for XPs: best (default), ema or last weights'
-    )
-    parser.add_argument(
-        '--batch_size',
-        '--batch-size',
-        type=int,
-        default=4,
-        help='clips per prompt, seeds SEED..SEED+N-1 (default: %(default)s)',
-    )
-    parser.add_argument('--seed', type=int, default=0, help='seed of the first clip of each prompt (default: 0)')
-    parser.add_argument('--seeds', type=int, nargs='+', help='exact seeds (overrides --batch_size)')
+    generation.add_seed_arguments(parser, batch_size=4, clip='clip')
     generation.add_sampling_arguments(parser, extend_stride=False)
     parser.add_argument(
         '--clap-model',

@@ -33,18 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=generation.DEFAULT_MODEL,
         help='HF id, package dir, exported fine-tune, or XP signature/folder (default: %(default)s)',
     )
-    parser.add_argument(
-        '--weights', choices=('best', 'ema', 'last'), default=None, help='for XPs: best (default), ema or last weights'
-    )
-    parser.add_argument(
-        '--batch_size',
-        '--batch-size',
-        type=int,
-        default=25,
-        help='variations per prompt, with seeds SEED..SEED+N-1 (default: %(default)s)',
-    )
-    parser.add_argument('--seed', type=int, default=0, help='seed of the first variation (default: %(default)s)')
-    parser.add_argument('--seeds', type=int, nargs='+', help='exact seeds to generate (overrides --batch_size)')
+    generation.add_seed_arguments(parser, batch_size=25, clip='variation')
     generation.add_sampling_arguments(parser)
     parser.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda, cuda:N')
     parser.add_argument(

@@ -399,6 +399,24 @@ class Item:
     folder: Path | None = None
 
 
+def add_seed_arguments(parser: tp.Any, batch_size: int, clip: str) -> None:
+    """The weights and seed options of the generate and evaluate CLIs; ``clip`` names one clip (``variation``)."""
+    parser.add_argument(
+        '--weights', choices=('best', 'ema', 'last'), default=None, help='for XPs: best (default), ema or last weights'
+    )
+    parser.add_argument(
+        '--batch_size',
+        '--batch-size',
+        type=int,
+        default=batch_size,
+        help=f'{clip}s per prompt, with seeds SEED..SEED+N-1 (default: %(default)s)',
+    )
+    parser.add_argument(
+        '--seed', type=int, default=0, help=f'seed of the first {clip} of each prompt (default: %(default)s)'
+    )
+    parser.add_argument('--seeds', type=int, nargs='+', help='exact seeds (overrides --batch_size)')
+
+
 def add_sampling_arguments(parser: tp.Any, extend_stride: bool = True) -> None:
     """The sampling options of the generate and evaluate CLIs, with :class:`GenerationParams`' defaults."""
     d = GenerationParams()

@@ -2,65 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import package, project
+from . import package, project, tiny_codec
 
-# A SEANet EnCodec at 16 kHz with the medium codec's stride (8*5*4*2 = 320 samples: 50 Hz) and 4 codebooks,
-# shrunk to a few thousand parameters. Codebooks start uniform rather than by k-means so the build is deterministic.
-TINY_CODEC = {
-    'compression_model': 'encodec',
-    'sample_rate': 16000,
-    'channels': 1,
-    'device': 'cpu',
-    'dtype': 'float32',
-    'encodec': {
-        'autoencoder': 'seanet',
-        'quantizer': 'rvq',
-        'sample_rate': 16000,
-        'channels': 1,
-        'causal': False,
-        'renormalize': False,
-    },
-    'seanet': {
-        'dimension': 32,
-        'channels': 1,
-        'causal': False,
-        'n_filters': 4,
-        'n_residual_layers': 1,
-        'ratios': [8, 5, 4, 2],
-        'activation': 'ELU',
-        'activation_params': {'alpha': 1.0},
-        'norm': 'weight_norm',
-        'norm_params': {},
-        'kernel_size': 7,
-        'residual_kernel_size': 3,
-        'last_kernel_size': 7,
-        'dilation_base': 2,
-        'pad_mode': 'constant',
-        'true_skip': True,
-        'compress': 2,
-        'lstm': 0,
-        'disable_norm_outer_blocks': 0,
-        'decoder': {'trim_right_ratio': 1.0, 'final_activation': None, 'final_activation_params': None},
-        'encoder': {},
-    },
-    'rvq': {
-        'n_q': 4,
-        'q_dropout': False,
-        'bins': 256,
-        'decay': 0.99,
-        'kmeans_init': False,
-        'kmeans_iters': 50,
-        'threshold_ema_dead_code': 2,
-        'orthogonal_reg_weight': 0.0,
-        'orthogonal_reg_active_codes_only': False,
-    },
-}
+# A SEANet EnCodec at 16 kHz with the medium codec's stride (8*5*4*2 = 320 samples: 50 Hz) and 4 codebooks: the
+# demo's trained codec (tiny_codec.CODEC_CONFIG) at half its width, a few thousand random parameters. Codebooks start
+# uniform rather than by k-means so the build is deterministic.
+TINY_CODEC = copy.deepcopy(tiny_codec.CODEC_CONFIG)
+TINY_CODEC['seanet'].update(dimension=32, n_filters=4)
 
 
 def tiny_lm_config(overrides: tuple[str, ...] = ()) -> DictConfig:
