@@ -190,8 +190,12 @@ class AudioGenFinetuneSolver(AudioGenSolver):
     def build_model(self) -> None:
         """Load the codec and LM architecture from the package, then build the LM, optimizer, schedule and scaler."""
         self.package = package.resolve(self.cfg.pretrained, base_dir=project.resolve_path('.'))
-        # The package's LM file is read once: its config now, its weights (memory-mapped) by the first user.
-        package_cfg, self._package_state = package.load_lm(self.package)
+        # A package's LM file is read once: its config now, its weights (memory-mapped) by their first user. An
+        # adapter export's weights are a merge that a resume never needs: :meth:`_take_package_state` makes it.
+        if package.adapter_export(self.package) is None:
+            package_cfg, self._package_state = package.load_lm(self.package)
+        else:
+            package_cfg = package.lm_config(self.package)
         package.check_and_merge(self.cfg, package_cfg, self.cfg.pretrained)
         self.compression_model = package.load_compression_model(self.package, self.device)
         codec = self.compression_model
