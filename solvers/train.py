@@ -90,6 +90,10 @@ def init_seed_and_system(cfg: omegaconf.DictConfig) -> None:
     from audiocraft.modules.transformer import set_efficient_attention_backend
 
     multiprocessing.set_start_method(cfg.mp_start_method, force=True)
+    if cfg.mp_start_method == 'forkserver':
+        # Loader workers fork from the server, which imports the solver (audiocraft, torch: ~5 s) once; otherwise each
+        # worker of each stage's loader imports it again when it unpickles the dataset. The server touches no GPU.
+        multiprocessing.set_forkserver_preload(['__main__', f'{__package__}.solver'])
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
