@@ -35,11 +35,14 @@ nodelist, cpus_per_task, container_chdir, force_chdir) may be added to a preset 
 from __future__ import annotations
 
 import dataclasses
+import signal
+import subprocess
 import typing as tp
 from pathlib import Path
 
 from dora.conf import SlurmConfig
 from omegaconf import DictConfig, OmegaConf
+from submitit.core.logger import get_logger as submitit_logger
 
 from .errors import AudiogenError
 
@@ -56,6 +59,26 @@ GPUS_PER_NODE = 8  # Dora's assumption: nodes of 8 GPUs (dora/shep.py, Shepherd.
 
 class SlurmConfigError(AudiogenError, ValueError):
     """A value of the `slurm` config group that SLURM or Dora cannot take."""
+
+
+def hand_over_to_submitit(handler: tp.Callable[[int, tp.Any], tp.Any], signum: int) -> None:
+    """Call submitit's handler of `signum` (on USR2 it checkpoints the job and runs `scontrol requeue`).
+
+    To requeue a job, SLURM ends it: it sends SIGTERM to every process of the job, and `scontrol` is one of them while
+    it waits for its answer. On a loaded node the SIGTERM can come before scontrol exits; submitit then raises
+    CalledProcessError and reports a failed job although SLURM has requeued it. That case counts as requeued here.
+    The caller exits afterwards, as submitit would have.
+    """
+    try:
+        handler(signum, None)
+    except subprocess.CalledProcessError as error:
+        if list(error.cmd)[:2] != ['scontrol', 'requeue'] or error.returncode != -signal.SIGTERM:
+            raise
+        # submitit's logger, which logs "Requeued job N" when scontrol returns: the job's log reads the same.
+        submitit_logger().info(
+            'Requeued job %s (the SIGTERM with which SLURM ends a job to requeue it stopped scontrol first)',
+            error.cmd[2],
+        )
 
 
 def _fail(key: str, message: str) -> tp.NoReturn:

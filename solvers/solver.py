@@ -39,6 +39,7 @@ from . import checkpoints as ckpt
 from . import tensorboard as tb_curves
 from .checkpoints import omegaconf_safe_globals
 from .errors import AudiogenError
+from .slurm import hand_over_to_submitit
 
 logger = logging.getLogger(__name__)
 
@@ -438,7 +439,8 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         )
         handler = self._previous_handlers.get(signum)
         if callable(handler) and signum != signal.SIGINT:  # Python's SIGINT handler would raise a traceback
-            handler(signum, None)  # submitit: checkpoint_and_try_requeue (USR2) requeues the job and exits
+            # submitit's checkpoint_and_try_requeue (USR2) requeues the job and exits
+            hand_over_to_submitit(handler, signum)
         raise SystemExit(128 + signum)
 
     def commit(self, save_checkpoints: bool = True) -> None:

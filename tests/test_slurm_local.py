@@ -6,8 +6,10 @@ such SLURM answers; set AUDIOGEN_REQUIRE_SLURM=1 (CI does) to make them fail ins
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ from dora.conf import SlurmConfig, update_from_hydra
 from dora.shep import Shepherd
 from omegaconf import OmegaConf
 
-from solvers.slurm import PRESET_DIR, SlurmConfigError, slurm_parameters, slurm_preset
+from solvers.slurm import PRESET_DIR, SlurmConfigError, hand_over_to_submitit, slurm_parameters, slurm_preset
 
 PARTITION = 'local'
 START_HINT = 'start it as root with `scripts/slurm_local.sh install && scripts/slurm_local.sh start`'
@@ -112,6 +114,11 @@ def _job_facts() -> dict[str, tp.Any]:
     } | {'uid': os.getuid()}
 
 
+def _requeue_and_exit(submitits: tp.Callable[[int, tp.Any], tp.Any], signum: int, frame: tp.Any) -> None:
+    hand_over_to_submitit(submitits, signum)
+    raise SystemExit(128 + signum)
+
+
 class _Counter(submitit.helpers.Checkpointable):
     """Counts up while it runs; on its first run it waits to be requeued, later runs return at once.
 
@@ -124,6 +131,9 @@ class _Counter(submitit.helpers.Checkpointable):
         self.progress = 0
 
     def __call__(self) -> tuple[int, int]:
+        # USR2 as the solver takes it (solvers/solver.py): submitit requeues, a requeue that SIGTERMs scontrol counts.
+        submitits = signal.getsignal(signal.SIGUSR2)
+        signal.signal(signal.SIGUSR2, functools.partial(_requeue_and_exit, submitits))
         restarts = int(os.environ.get('SLURM_RESTART_COUNT', '0'))
         with open(self.started, 'a') as f:
             f.write(f'{restarts}\n')
@@ -159,8 +169,19 @@ def test_scontrol_requeue_reruns_the_job(local_slurm, tmp_path):
 
 
 @pytest.mark.slurm
-def test_preemption_signal_checkpoints_and_requeues(local_slurm, tmp_path):
-    """What a preemption does: SIGTERM, then USR2, on which submitit checkpoints the callable and requeues it."""
+def test_preemption_signal_checkpoints_and_requeues(local_slurm, tmp_path, monkeypatch):
+    """What a preemption does: SIGTERM, then USR2, on which submitit checkpoints the callable and requeues it.
+
+    To requeue the job SLURM ends it with SIGTERM, which reaches `scontrol requeue` too when it has not exited yet (a
+    loaded node). The job's scontrol here lingers after its answer, so that SIGTERM always stops it: the job must count
+    as requeued all the same, as the solver's hand-over (solvers/slurm.py) makes it.
+    """
+    slow_bin = tmp_path / 'bin'
+    slow_bin.mkdir()
+    scontrol = slow_bin / 'scontrol'
+    scontrol.write_text(f'#!/bin/sh\n{shutil.which("scontrol")} "$@" || exit $?\nsleep 20\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv('PATH', f'{slow_bin}{os.pathsep}{os.environ["PATH"]}')  # sbatch hands the job this PATH
     started = tmp_path / 'started.txt'
     job = _executor(tmp_path, local_slurm).submit(_Counter(str(started)))
     _wait_for_file(started, job)
@@ -168,7 +189,7 @@ def test_preemption_signal_checkpoints_and_requeues(local_slurm, tmp_path):
     job._interrupt()
     restarts, progress = _wait(job, timeout=60)
     assert restarts == 1 and progress > 0  # the rerun continued from the checkpointed object
-    assert 'Requeued job' in (job.stdout() or '')
+    assert 'stopped scontrol first' in (job.stdout() or '')
 
 
 @pytest.mark.slurm
@@ -195,6 +216,32 @@ def test_time_limit_signal_requeues_before_the_kill(local_slurm, tmp_path):
     restarts, progress = _wait(job, timeout=420)
     assert restarts == 1 and progress > 0
     assert 'timed-out' in (job.stdout() or '')
+
+
+# ---- the solver's hand-over to submitit on USR2 (no SLURM needed) ----
+
+
+def _submitit_handler(returncode: int, cmd: list[str]) -> tp.Callable[[int, tp.Any], None]:
+    def handler(signum: int, frame: tp.Any) -> None:
+        raise subprocess.CalledProcessError(returncode, cmd)
+
+    return handler
+
+
+def test_a_requeue_whose_sigterm_stops_scontrol_counts_as_requeued(caplog):
+    """SLURM ends a job with SIGTERM to requeue it; when that stops `scontrol requeue` first, the job was requeued."""
+    with caplog.at_level('INFO', logger='submitit'):
+        hand_over_to_submitit(_submitit_handler(-signal.SIGTERM, ['scontrol', 'requeue', '7']), signal.SIGUSR2)
+    assert 'Requeued job 7' in caplog.text
+
+
+@pytest.mark.parametrize(
+    'returncode, cmd',
+    [(1, ['scontrol', 'requeue', '7']), (-signal.SIGKILL, ['scontrol', 'requeue', '7']), (-signal.SIGTERM, ['sbatch'])],
+)
+def test_other_requeue_failures_still_fail_the_job(returncode, cmd):
+    with pytest.raises(subprocess.CalledProcessError):
+        hand_over_to_submitit(_submitit_handler(returncode, cmd), signal.SIGUSR2)
 
 
 # ---- mapping presets to Dora's SlurmConfig (no SLURM needed) ----
