@@ -31,12 +31,13 @@ demo: $(VENV)/.synced
 	@$(PY) -m scripts.demo_report solver=audiogen/demo
 
 # One pytest-xdist worker per core; tests sharing a costly fixture or the local SLURM stay on one worker
-# (tests/conftest.py groups them), and the groups holding slow tests are handed out first.
+# (tests/conftest.py groups them); the longest units are handed out first, in conftest's order, which
+# --no-loadscope-reorder keeps (xdist would sort them by test count).
 test: $(VENV)/.synced
-	$(PY) -m pytest -n auto --dist loadgroup
+	$(PY) -m pytest -n auto --dist loadgroup --no-loadscope-reorder
 
 test-fast: $(VENV)/.synced
-	$(PY) -m pytest -n auto --dist loadgroup -m "not slow and not slurm"
+	$(PY) -m pytest -n auto --dist loadgroup --no-loadscope-reorder -m "not slow and not slurm"
 
 lint: $(VENV)/.synced
 	$(VENV)/bin/ruff check solvers scripts tests benchmarks hatch_build.py

@@ -21,6 +21,14 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 ROOT = Path(__file__).resolve().parents[1]
 # Session fixtures that run a whole XP: their users share one xdist worker rather than each worker running it.
 SHARED_RUNS = ('trained_xp',)
+# Work units (xdist groups or single tests) that take longest, handed out first, longest first: the SLURM tests
+# (~240 s, mostly waiting for jobs), the demo (~130 s) and the first hour (~85 s) of a 2-core machine's ~8 min.
+# Started late, any one of them is what the suite waits for at its end while the other worker idles.
+LONGEST_FIRST = (
+    'slurm',
+    'tests/test_demo.py::test_make_demo_learns_the_new_classes',
+    'tests/test_first_hour.py::test_prepare_train_resume_export_generate_on_a_cpu',
+)
 
 
 def _xdist_group(item: pytest.Item) -> str | None:
@@ -44,7 +52,9 @@ def _xdist_group(item: pytest.Item) -> str | None:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook, which turns the marks into node id suffixes
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group tests for xdist; under xdist, hand out the groups and tests holding slow tests first."""
+    """Group tests for xdist; under xdist, hand out :data:`LONGEST_FIRST`, then the groups and tests holding slow
+    tests, then the rest. pytest-xdist hands the units out in this order (the Makefile turns off its reordering by
+    test count), one to each worker, then another whenever a worker has two tests left."""
     groups = {}
     for item in items:
         group = groups[item.nodeid] = _xdist_group(item)
@@ -53,7 +63,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if 'PYTEST_XDIST_WORKER' not in os.environ:
         return  # in one process, the file order keeps each module's fixtures built once
     slow = {groups[i.nodeid] or i.nodeid for i in items if i.get_closest_marker('slow')}
-    items.sort(key=lambda i: (groups[i.nodeid] or i.nodeid) not in slow)
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        unit = groups[item.nodeid] or item.nodeid
+        if unit in LONGEST_FIRST:
+            return 0, LONGEST_FIRST.index(unit)
+        return (1 if unit in slow else 2), 0
+
+    items.sort(key=rank)
 
 
 def subprocess_env(outputs: Path | None = None) -> dict[str, str]:
