@@ -30,9 +30,9 @@ demo: $(VENV)/.synced
 	@$(PY) -m scripts.show_xp solver=audiogen/demo
 	@$(PY) -m scripts.demo_report solver=audiogen/demo
 
-# One pytest-xdist worker per core; tests sharing a costly fixture or the local SLURM stay on one worker
-# (tests/conftest.py groups them); the longest units are handed out first, in conftest's order, which
-# --no-loadscope-reorder keeps (xdist would sort them by test count).
+# pytest-xdist workers: one per core plus one for the SLURM tests, which mostly wait for SLURM (tests/conftest.py);
+# tests sharing a costly fixture or the local SLURM stay on one worker (conftest groups them); the longest units are
+# handed out first, in conftest's order, which --no-loadscope-reorder keeps (xdist would sort them by test count).
 test: $(VENV)/.synced
 	$(PY) -m pytest -n auto --dist loadgroup --no-loadscope-reorder
 

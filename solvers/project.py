@@ -51,23 +51,42 @@ def outputs_dir() -> Path:
     return configured if configured.is_absolute() else data_root() / configured
 
 
-def next_commands(sig: str, name: str, base: str, prompt: str | None = None, clap: bool = True) -> list[str]:
-    """What a user does with a trained XP, as the commands to type (printed after training and by show_xp).
+def sample_prompts(cfg: DictConfig) -> list[str]:
+    """The prompts of an XP's samples: `generate.prompts`, or when null the first `generate.prompts_from_dataset`
+    distinct captions of its valid split, then of its train split."""
+    if cfg.generate.prompts is not None:
+        return [str(p) for p in cfg.generate.prompts]
+    from .dataprep import manifest_captions
+
+    wanted = int(cfg.generate.get('prompts_from_dataset') or 0)
+    found: list[str] = []
+    for split in ('valid', 'train'):
+        path = cfg.datasource.get(split)
+        if isinstance(path, str) and len(found) < wanted:
+            found += [c for c in manifest_captions(path, wanted) if c not in found]
+    return found[:wanted]
+
+
+def next_commands(cfg: DictConfig, sig: str, prompts: tp.Sequence[str] | None = None) -> list[str]:
+    """What a user does with a trained XP, as the commands to type (printed after training and by show_xp): curves,
+    generate (one of its sample prompts), export, evaluate against the package it started from.
 
     Args:
+        cfg: the XP's config (``xp.cfg``): its dataset names the export folder and is evaluated; the CPU presets have
+            no CLAP model, so their evaluate command runs without CLAP scores.
         sig: the XP signature.
-        name: the dataset's name (its valid split is evaluated; the export folder is named after it).
-        base: the pretrained package the XP started from (evaluated beside the XP).
-        prompt: a prompt to generate (one of the XP's sample prompts); a placeholder when None.
-        clap: False when the XP's config has no CLAP model (the CPU presets): evaluate without CLAP scores.
+        prompts: its sample prompts when known (else read from the config and the manifests).
     """
-    no_clap = '' if clap else ' --clap-model none'
-    quoted = shlex.quote(prompt) if prompt else '"<your prompt>"'
+    prompts = sample_prompts(cfg) if prompts is None else prompts
+    name = Path(str(cfg.datasource.train)).parent.name
+    no_clap = '' if cfg.evaluate.clap.model else ' --clap-model none'
+    quoted = shlex.quote(prompts[0]) if prompts else '"<your prompt>"'
     return [
         f'tensorboard --logdir {_shown(outputs_dir() / "tensorboard")}     # curves: one run per XP',
         f'python -m scripts.generate {quoted} --model {sig} --batch_size 5',
         f'python -m scripts.export {sig} exported/{name}     # a package AudioGen.get_pretrained loads',
-        f'python -m scripts.evaluate {shlex.quote(base)} {sig} --dataset {name}{no_clap}     # base vs fine-tune',
+        f'python -m scripts.evaluate {shlex.quote(str(cfg.pretrained))} {sig} --dataset {name}{no_clap}     '
+        '# base vs fine-tune',
     ]
 
 

@@ -410,8 +410,8 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         self.logger.info('Next:\n%s', '\n'.join(f'  {line}' for line in self.next_commands()))
 
     def next_commands(self) -> list[str]:
-        """The commands that use this XP (curves, generate, export, evaluate): see :func:`next_commands`."""
-        return next_commands(self.cfg, self.xp.sig, self.sample_prompts())
+        """The commands that use this XP (curves, generate, export, evaluate): see :func:`project.next_commands`."""
+        return project.next_commands(self.cfg, self.xp.sig, self.sample_prompts())
 
     def _on_stop_signal(self, signum: int, frame: tp.Any) -> None:
         name = signal.Signals(signum).name
@@ -801,7 +801,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         if self.cfg.generate.prompts is not None:
             return [str(p) for p in self.cfg.generate.prompts]
         if not hasattr(self, '_dataset_prompts'):
-            self._dataset_prompts = sample_prompts(self.cfg)
+            self._dataset_prompts = project.sample_prompts(self.cfg)
             self.logger.info("Sample prompts from the dataset's captions: %s", self._dataset_prompts)
         return self._dataset_prompts
 
@@ -1054,35 +1054,3 @@ def _worker_ignores_ctrl_c(worker_id: int, chained: tp.Callable[[int], None] | N
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if chained is not None:
         chained(worker_id)
-
-
-def sample_prompts(cfg: omegaconf.DictConfig) -> list[str]:
-    """The prompts of an XP's samples: `generate.prompts`, or when null the first `generate.prompts_from_dataset`
-    distinct captions of its valid split, then of its train split."""
-    if cfg.generate.prompts is not None:
-        return [str(p) for p in cfg.generate.prompts]
-    wanted = int(cfg.generate.get('prompts_from_dataset') or 0)
-    found: list[str] = []
-    for split in ('valid', 'train'):
-        path = cfg.datasource.get(split)
-        if isinstance(path, str) and len(found) < wanted:
-            found += [c for c in dataprep.manifest_captions(path, wanted) if c not in found]
-    return found[:wanted]
-
-
-def next_commands(cfg: omegaconf.DictConfig, sig: str, prompts: tp.Sequence[str] | None = None) -> list[str]:
-    """The commands that use an XP: curves, generate (one of its sample prompts), export, evaluate against its base.
-
-    Args:
-        cfg: the XP's config (``xp.cfg``).
-        sig: its signature.
-        prompts: its sample prompts when known (else read from the config and the manifests).
-    """
-    prompts = sample_prompts(cfg) if prompts is None else prompts
-    return project.next_commands(
-        sig,
-        Path(str(cfg.datasource.train)).parent.name,
-        str(cfg.pretrained),
-        prompts[0] if prompts else None,
-        clap=bool(cfg.evaluate.clap.model),
-    )

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, subprocess_env
 
+from scripts import plan_memory
 from solvers import adapters, checkpoints, memory, project
 from solvers.errors import AudiogenError
 
@@ -82,6 +83,7 @@ def test_levers_make_a_plan_fit_and_keep_the_effective_batch():
 
 
 def _plan_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m scripts.plan_memory ARGS` as a user types it, in a new interpreter."""
     return subprocess.run(
         [sys.executable, '-m', 'scripts.plan_memory', *args],
         cwd=ROOT,
@@ -92,24 +94,35 @@ def _plan_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_plan_memory_cli_answers_in_lines_and_exit_codes():
-    fits = _plan_cli('solver=audiogen/tiny', '--gpu-gb', '24')
-    assert fits.returncode == 0, fits.stderr
-    assert 'fits in 24 GB' in fits.stdout and 'activations (8 x 10 s)' in fits.stdout
-    bad = _plan_cli('solver=audiogen/tiny', 'optim.lrr=1')
+def _plan(capsys, *args: str) -> tuple[int, str, str]:
+    """The same command line through the CLI's ``main`` in this process (no second audiocraft import, ~7 s)."""
+    capsys.readouterr()
+    code = plan_memory.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_memory_cli_answers_in_lines_and_exit_codes(capsys):
+    bad = _plan_cli('solver=audiogen/tiny', 'optim.lrr=1')  # the entry point, and a start-up with nothing else to say
     assert bad.returncode == 2 and bad.stderr.count('\n') == 1 and 'optim.lr' in bad.stderr, bad.stderr
-    assert _plan_cli('solver=audiogen/tiny', '--gpu-gb', '0').returncode == 2
+    code, out, err = _plan(capsys, 'solver=audiogen/tiny', '--gpu-gb', '24')
+    assert code == 0, err
+    assert 'fits in 24 GB' in out and 'activations (8 x 10 s)' in out
+    code, _, err = _plan(capsys, 'solver=audiogen/tiny', '--gpu-gb', '0')
+    assert code == 2 and err.count('\n') == 1 and '--gpu-gb must be > 0' in err, err
 
 
 @pytest.mark.slow
-def test_medium_on_24_gb_needs_lora_and_checkpointing():
+def test_medium_on_24_gb_needs_lora_and_checkpointing(capsys):
     """The README's single-GPU advice, as the planner computes it for medium's real architecture."""
-    proc = _plan_cli('solver=audiogen/train', '--gpu-gb', '24')
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert 'LM 1,839.1M (1,839.1M trainable)' in proc.stdout, proc.stdout
-    assert 'add: adapter=lora transformer_lm.checkpointing=torch' in proc.stdout, proc.stdout
-    lora = _plan_cli('solver=audiogen/train', 'adapter=lora', 'transformer_lm.checkpointing=torch', '--gpu-gb', '24')
-    assert lora.returncode == 0 and 'fits in 24 GB' in lora.stdout, lora.stdout
+    code, out, err = _plan(capsys, 'solver=audiogen/train', '--gpu-gb', '24')
+    assert code == 3, out + err
+    assert 'LM 1,839.1M (1,839.1M trainable)' in out, out
+    assert 'add: adapter=lora transformer_lm.checkpointing=torch' in out, out
+    code, out, err = _plan(
+        capsys, 'solver=audiogen/train', 'adapter=lora', 'transformer_lm.checkpointing=torch', '--gpu-gb', '24'
+    )
+    assert code == 0 and 'fits in 24 GB' in out, out + err
 
 
 def test_out_of_memory_in_training_says_what_fits_and_keeps_the_checkpoint(in_xp, demo_overrides, monkeypatch):
