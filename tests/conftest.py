@@ -32,7 +32,7 @@ LONGEST_FIRST = (
 
 
 # The SLURM tests that spend their time waiting for SLURM's timers (a requeue, a time limit's signal), hardly using
-# the CPU: they run first in their group, while the other worker trains the demo on both cores.
+# the CPU: they run first in their group, while the demo and the first-hour test (the next two units) use the cores.
 SLURM_WAITING_FIRST = 'tests/test_slurm_local.py::'
 
 
@@ -59,7 +59,7 @@ def _xdist_group(item: pytest.Item) -> str | None:
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """``-n auto``: one worker per core, plus one for the SLURM group, which spends most of its ~4 minutes waiting for
     SLURM's timers (a requeue, a time limit's signal) while the cores run the others' training (2 cores: 3 workers,
-    530 s -> 445 s). ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still sets the count."""
+    526 s -> 443-458 s). ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still sets the count."""
     if os.environ.get('PYTEST_XDIST_AUTO_NUM_WORKERS'):
         return None  # pytest-xdist's own hook reads it
     try:
