@@ -10,7 +10,8 @@ untimed warm-up of each arm, and report the median of the repetitions:
     python benchmarks/bench_generate.py cli [--size tiny|small] [--prompts 2] [--variations 4] [--duration 5] ...
 
 decode: LM token generation, ``ClipwiseAudioGen._generate_tokens`` (audiocraft's own loop, sliding window included)
-    with ``decoder=stock`` (audiocraft's ``LMModel.generate``) against ``decoder=fast`` (:mod:`solvers.fastgen`) and,
+    with ``decoder=stock`` (audiocraft's ``LMModel.generate``) against ``decoder=fast``
+    (:mod:`solvers.generation.fastgen`) and,
     on CUDA, ``decoder=graph``, on one shared model instance, under the same per-item seeded sampler. Every timed run's
     tokens are compared with stock's: the table says whether they were identical. Greedy decoding (argmax) unless
     ``--sampling`` (top-k 250, temperature 1, per-item seeds). CFG 3 everywhere, so the LM batch is 2 x the items.
@@ -103,7 +104,8 @@ def build_random_model(size: str, device: str) -> tp.Any:
     from audiocraft.models import builders
     from omegaconf import OmegaConf
 
-    from solvers import generation, tiny
+    from solvers.demo import tiny
+    from solvers.generation import generate as generation
 
     torch.manual_seed(0)
     cfg = tiny.tiny_lm_config(DECODE_SIZES[size])
@@ -133,7 +135,7 @@ def run_decode(args: argparse.Namespace) -> int:
     """The decode benchmark: a Markdown table of stock vs ours (and graph on CUDA)."""
     import torch
 
-    from solvers import generation
+    from solvers.generation import generate as generation
 
     device = args.device
     decoders = args.decoders or (['stock', 'fast', 'graph'] if device.startswith('cuda') else ['stock', 'fast'])
@@ -198,7 +200,7 @@ def time_decoders(
     """Median wall seconds of ``_generate_tokens`` per decoder, and whether every run's tokens equal stock's."""
     from audiocraft.modules.conditioners import ConditioningAttributes
 
-    from solvers import generation
+    from solvers.generation import generate as generation
 
     attributes = [ConditioningAttributes(text={'description': prompt}) for _ in range(batch)]
     seeds = list(range(batch))
@@ -283,14 +285,14 @@ def run_cli(args: argparse.Namespace) -> int:
     import torch
 
     from scripts import generate as generate_cli
-    from solvers import generation
+    from solvers.generation import generate as generation
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix='bench_generate_'))
     if args.model:
         model_ref = args.model
     else:
-        from solvers.tiny import build_tiny_package
+        from solvers.demo.tiny import build_tiny_package
 
         model_ref = str(build_tiny_package(tmp / 'pkg', seed=0, overrides=SIZES[args.size]))
     prompts = PROMPTS[: args.prompts]

@@ -1,4 +1,4 @@
-"""Calibrate and check the memory planner (solvers/memory.py) against measured training steps.
+"""Calibrate and check the memory planner (solvers/training/memory.py) against measured training steps.
 
 ``calibrate``: builds small random LMs with the custom attention that medium uses (fused in_proj_weight, SDPA), runs
 one training forward (delay pattern, cross-entropy as the solver computes it) and counts the bytes autograd saves for
@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from solvers import memory, project  # noqa: E402
+from solvers import project  # noqa: E402
+from solvers.training import memory
 
 TINY = ['solver=audiogen/tiny', 'transformer_lm.hidden_scale=4', 'transformer_lm.dropout=0.0']
 
@@ -93,7 +94,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 def run_medium(args: argparse.Namespace) -> int:
     from audiocraft.models import builders
 
-    from solvers import adapters
+    from solvers.models import adapters
 
     for adapter in ('none', 'lora'):
         cfg = project.compose(['solver=audiogen/train', f'adapter={adapter}'])

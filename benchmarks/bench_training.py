@@ -14,7 +14,7 @@
     solver's check that LoRA leaves the output unchanged, the LR schedule, the EMA. On the CPU, peak RSS includes what
     glibc's allocator keeps after frees; ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment returns large blocks
     to the system at once and brings RSS closer to the live tensors.
-``overhead``: the per-update time of our solver (``solvers.solver.AudioGenFinetuneSolver``) against stock
+``overhead``: the per-update time of our solver (``solvers.training.solver.AudioGenFinetuneSolver``) against stock
     audiocraft's ``AudioGenSolver``, built in one process from the same composed config (``solver=audiogen/tiny`` with
     an 8-layer x 512 LM, full fine-tune, fp32, clipping at 1.0, the same EMA cadence), on a small package and a small
     prepared dataset made in a temporary folder. The stock arm's weights are copied from ours. Two measures, each
@@ -57,7 +57,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from benchmarks import bench_generate  # noqa: E402
-from solvers import memory, project  # noqa: E402
+from solvers import project  # noqa: E402
+from solvers.training import memory  # noqa: E402
 
 GB = memory.GB
 T5_WIDTH = 1024  # T5-large's d_model: the stand-in lookup table has this output width
@@ -133,7 +134,7 @@ def medium_overrides(args: argparse.Namespace) -> list[str]:
 
 def build_medium_lora(cfg: tp.Any, device: str) -> tuple[tp.Any, list[torch.nn.Parameter]]:
     """Medium's LM with random weights and the solver's LoRA setup; returns it and its trainable parameters."""
-    from solvers import adapters, lm
+    from solvers.models import adapters, lm
 
     torch.manual_seed(0)
     model = lm.build_lm_model(cfg).to(device)
@@ -187,12 +188,12 @@ def train_step(
 def checkpoint_sizes(model: tp.Any, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """Bytes of the adapter checkpoints, written as the solver writes them: the best state (the ``TrainableState``
     and the adapter layout), and the adapters with their AdamW moments (what the last checkpoint adds)."""
-    from solvers import adapters
+    from solvers.models import adapters
 
     try:
         from solvers.atomic import save_torch  # where the solver's checkpoint writes live now
-    except ImportError:  # before solvers/atomic.py: the same write in solvers/checkpoints.py
-        from solvers.checkpoints import atomic_save as save_torch  # type: ignore[attr-defined,no-redef]
+    except ImportError:  # before solvers/atomic.py: the same write in solvers/training/checkpoints.py
+        from solvers.training.checkpoints import atomic_save as save_torch  # type: ignore[attr-defined,no-redef]
 
     state = adapters.TrainableState(model).state_dict()
     layout = adapters.layout(model)
@@ -205,7 +206,7 @@ def checkpoint_sizes(model: tp.Any, optimizer: torch.optim.Optimizer) -> tuple[i
 
 def run_medium_lora(args: argparse.Namespace) -> int:
     """Build, step, measure, and print the measured figures beside the planner's."""
-    from solvers.solver import build_optimizer
+    from solvers.training.solver import build_optimizer
 
     cuda = args.device.startswith('cuda')
     if args.dtype == 'float16' and not cuda:
@@ -340,8 +341,8 @@ def print_planner(args: argparse.Namespace, overrides: list[str], cfg: tp.Any, m
 # ---------------------------------------------------------------------------------------------------- overhead
 def make_inputs(tmp: Path, args: argparse.Namespace) -> tuple[Path, list[str]]:
     """A small package (8 x 512 LM, the tiny codec) and a prepared dataset; the overrides both solvers get."""
-    from solvers.demo_data import make_demo_dataset
-    from solvers.tiny import build_tiny_package
+    from solvers.demo.synthetic import make_demo_dataset
+    from solvers.demo.tiny import build_tiny_package
 
     size = bench_generate.SIZES['small']
     pkg = build_tiny_package(tmp / 'pkg', seed=0, overrides=size)

@@ -1,7 +1,7 @@
 """The demo's proof of learning: prompt accuracy of the stand-in package before and after the fine-tune.
 
 Generates clips from every caption of every demo sound class with fixed seeds, once with the pretrained package the XP
-started from and once with the fine-tuned XP, and asks the fixed spectral classifier (solvers/demo_classifier.py,
+started from and once with the fine-tuned XP, and asks the fixed spectral classifier (solvers/demo/classifier.py,
 trained on clean synthetic clips) which class each clip sounds like. Prints the table and writes it to
 <xp>/demo_report.json.
 
@@ -21,7 +21,8 @@ def judge(
     model_ref: str, classes: tp.Sequence[str], seeds: tp.Sequence[int], duration: float, classifier: tp.Any
 ) -> dict[str, list[str]]:
     """Generate ``len(seeds)`` clips per caption of each class with ``model_ref``; the class heard in each clip."""
-    from solvers import demo_data, generation
+    from solvers.demo import synthetic as demo_data
+    from solvers.generation import generate as generation
 
     model = generation.load_model(generation.resolve_model(model_ref))
     generation.GenerationParams(duration=duration).apply(model)
@@ -43,7 +44,7 @@ def accuracy(heard: dict[str, list[str]], classes: tp.Sequence[str]) -> tuple[in
 
 def table(before: dict[str, list[str]], after: dict[str, list[str]], sig: str, per_prompt: str) -> list[str]:
     """The printed table: one row per class, then the new and the known classes together."""
-    from solvers.demo_data import CLASS_NAMES, KNOWN_CLASSES, NEW_CLASSES
+    from solvers.demo.synthetic import CLASS_NAMES, KNOWN_CLASSES, NEW_CLASSES
 
     def cell(heard: dict[str, list[str]], classes: tp.Sequence[str]) -> str:
         right, total = accuracy(heard, classes)
@@ -83,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace) -> int:
     """Judge the XP's base package and its fine-tune, print the table and write ``demo_report.json``."""
-    from solvers import atomic, demo_classifier, export, train
-    from solvers.demo_data import CLASS_NAMES, NEW_CLASSES, select_classes
+    from solvers import atomic, train
+    from solvers.demo import classifier as demo_classifier
+    from solvers.demo.synthetic import CLASS_NAMES, NEW_CLASSES, select_classes
+    from solvers.models import export
 
     xp = train.main.get_xp_from_sig(args.sig) if args.sig else train.main.get_xp(args.overrides)
     if not (xp.folder / 'checkpoint.th').exists():

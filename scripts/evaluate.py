@@ -20,8 +20,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from solvers import generation
 from solvers.errors import AudiogenError, run_cli
+from solvers.generation import generate as generation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
 
     def body() -> int:
-        from solvers import evaluation
+        from solvers.evaluation import evaluate as evaluation
 
         prompts = list(args.prompt)
         if args.prompts_file is not None:

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from solvers import export, package
+    from solvers.models import export, package
 
     out = export.export_xp(
         args.xp, args.out_dir, weights=args.weights, half=args.half, force=args.force, merge=args.merge

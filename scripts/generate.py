@@ -16,7 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
-from solvers import fastgen, generation
+from solvers.generation import fastgen
+from solvers.generation import generate as generation
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from solvers.demo_data import CLASS_NAMES, KNOWN_CLASSES, NEW_CLASSES, make_demo_dataset, select_classes
+from solvers.demo.synthetic import CLASS_NAMES, KNOWN_CLASSES, NEW_CLASSES, make_demo_dataset, select_classes
 
 
 def remove_stale_clips(out_dir: Path, kept: set[str]) -> int:

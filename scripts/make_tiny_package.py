@@ -30,13 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.trained:
-        from solvers.demo_data import KNOWN_CLASSES
-        from solvers.tiny_lm import build_trained_package
+        from solvers.demo.synthetic import KNOWN_CLASSES
+        from solvers.demo.tiny_lm import build_trained_package
 
         out = build_trained_package(args.out)
         print(f'Tiny pretrained package written to {out} (trained codec; LM pretrained on {", ".join(KNOWN_CLASSES)})')
     else:
-        from solvers.tiny import build_tiny_package
+        from solvers.demo.tiny import build_tiny_package
 
         out = build_tiny_package(args.out, seed=args.seed)
         print(f'Tiny pretrained package written to {out} (random weights, seed {args.seed})')

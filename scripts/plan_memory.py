@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from solvers.errors import AudiogenError, run_cli
 
     def body() -> int:
-        from solvers import memory, project
+        from solvers import project
+        from solvers.training import memory
 
         if args.gpu_gb <= 0:
             raise AudiogenError(f'--gpu-gb must be > 0, got {args.gpu_gb:g}.')

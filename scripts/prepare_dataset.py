@@ -8,14 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from solvers.dataprep import PrepareConfig, format_summary, prepare
+from solvers.data import PrepareConfig, format_summary, prepare
 from solvers.errors import run_cli
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(PrepareConfig)}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface; one flag per :class:`solvers.dataprep.PrepareConfig` field."""
+    """The command-line interface; one flag per :class:`solvers.data.PrepareConfig` field."""
     parser = argparse.ArgumentParser(
         prog='prepare_dataset',
         description='Check, convert (16 kHz mono PCM16), split and index a folder of captioned sounds for AudioGen '

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--sig', help='an XP signature instead of overrides')
     parser.add_argument('--folder', action='store_true', help='print only the XP folder (whether it ran or not)')
     args = parser.parse_args(argv)
-    from solvers import project, train
+    from solvers import data, project, train
 
     xp = train.main.get_xp_from_sig(args.sig) if args.sig else train.main.get_xp(args.overrides)
     folder = xp.folder
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         valid_ce = stages.get('valid', {}).get('ce', float('nan'))
         print(f'  {epoch:5d}  {train_ce:8.3f}  {valid_ce:8.3f}')
     print('Next:')
-    for line in project.next_commands(xp.cfg, xp.sig):
+    for line in project.next_commands(xp.cfg, xp.sig, data.sample_prompts(xp.cfg)):
         print(f'  {line}')
     return 0
 

@@ -8,6 +8,6 @@ os.environ.setdefault('AUDIOCRAFT_CONFIG', str(Path(__file__).with_name('audiocr
 
 # Every entry point (dora run, the scripts, notebooks) imports this package before audiocraft: silence, once and here,
 # the start-up messages a user can't act on (xFormers' "reinstall", Hydra's migration notes, ...).
-from .project import quiet_dependencies  # noqa: E402
+from solvers.project import quiet_dependencies  # noqa: E402
 
 quiet_dependencies()

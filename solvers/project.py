@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import AudiogenError
+from solvers.errors import AudiogenError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / 'config'
@@ -51,23 +51,7 @@ def outputs_dir() -> Path:
     return configured if configured.is_absolute() else data_root() / configured
 
 
-def sample_prompts(cfg: DictConfig) -> list[str]:
-    """The prompts of an XP's samples: `generate.prompts`, or when null the first `generate.prompts_from_dataset`
-    distinct captions of its valid split, then of its train split."""
-    if cfg.generate.prompts is not None:
-        return [str(p) for p in cfg.generate.prompts]
-    from .dataprep import manifest_captions
-
-    wanted = int(cfg.generate.get('prompts_from_dataset') or 0)
-    found: list[str] = []
-    for split in ('valid', 'train'):
-        path = cfg.datasource.get(split)
-        if isinstance(path, str) and len(found) < wanted:
-            found += [c for c in manifest_captions(path, wanted) if c not in found]
-    return found[:wanted]
-
-
-def next_commands(cfg: DictConfig, sig: str, prompts: tp.Sequence[str] | None = None) -> list[str]:
+def next_commands(cfg: DictConfig, sig: str, prompts: tp.Sequence[str]) -> list[str]:
     """What a user does with a trained XP, as the commands to type (printed after training and by show_xp): curves,
     generate (one of its sample prompts), export, evaluate against the package it started from.
 
@@ -75,9 +59,8 @@ def next_commands(cfg: DictConfig, sig: str, prompts: tp.Sequence[str] | None = 
         cfg: the XP's config (``xp.cfg``): its dataset names the export folder and is evaluated; the CPU presets have
             no CLAP model, so their evaluate command runs without CLAP scores.
         sig: the XP signature.
-        prompts: its sample prompts when known (else read from the config and the manifests).
+        prompts: its sample prompts (:func:`solvers.data.sample_prompts`): the generate command uses the first.
     """
-    prompts = sample_prompts(cfg) if prompts is None else prompts
     name = Path(str(cfg.datasource.train)).parent.name
     no_clap = '' if cfg.evaluate.clap.model else ' --clap-model none'
     quoted = shlex.quote(prompts[0]) if prompts else '"<your prompt>"'

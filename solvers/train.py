@@ -18,10 +18,10 @@ import omegaconf
 from dora import XP
 from dora.hydra import HydraMain
 
-from . import project
-from .errors import AudiogenError
-from .project import outputs_dir, resolve_path
-from .slurm import slurm_parameters
+from solvers import project
+from solvers.errors import AudiogenError
+from solvers.project import outputs_dir, resolve_path
+from solvers.training.slurm import slurm_parameters
 
 project.install_error_hook()
 logger = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ def get_solver(cfg: omegaconf.DictConfig):
     """Build the solver: check the device and data, split the batch across ranks, make data paths absolute."""
     import torch
 
-    from .dataprep import read_manifest
-    from .solver import AudioGenFinetuneSolver
+    from solvers.data import read_manifest
+    from solvers.training.solver import AudioGenFinetuneSolver
 
     if str(cfg.device).startswith('cuda') and not torch.cuda.is_available():
         raise AudiogenError(

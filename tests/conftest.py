@@ -136,7 +136,7 @@ def start_dora(args: tp.Sequence[str], outputs: Path, stderr: int | None = subpr
 @pytest.fixture(scope='session')
 def tiny_package(tmp_path_factory) -> Path:
     """A tiny random package in facebook/audiogen-medium's layout."""
-    from solvers.tiny import build_tiny_package
+    from solvers.demo.tiny import build_tiny_package
 
     return build_tiny_package(tmp_path_factory.mktemp('pretrained') / 'tiny', seed=0)
 
@@ -144,7 +144,7 @@ def tiny_package(tmp_path_factory) -> Path:
 @pytest.fixture(scope='session')
 def tiny_dataset(tmp_path_factory) -> dict[str, Path]:
     """The demo sounds (3 per class), prepared by scripts/prepare_dataset.py into temporary egs/ and config/."""
-    from solvers.demo_data import make_demo_dataset
+    from solvers.demo.synthetic import make_demo_dataset
 
     base = tmp_path_factory.mktemp('dataset')
     make_demo_dataset(base / 'raw', seed=0, per_class=3)

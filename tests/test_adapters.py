@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_solver import one_batch, stage
 
-from solvers import adapters, package
 from solvers.errors import AudiogenError
+from solvers.models import adapters, package
 
 # warmup 0: the first update already moves the weights (the cosine warmup starts at lr 0).
 LORA = ['adapter=lora', 'schedule.cosine.warmup=0']
@@ -18,7 +18,7 @@ LORA = ['adapter=lora', 'schedule.cosine.warmup=0']
 
 def plain_lm(pkg) -> torch.nn.Module:
     """The package's LM as plain audiocraft builds it (no adapters), in eval mode."""
-    from solvers.lm import build_lm_model
+    from solvers.models.lm import build_lm_model
 
     cfg = package.lm_config(str(pkg))
     cfg.device, cfg.dtype = 'cpu', 'float32'
@@ -196,7 +196,7 @@ def test_settings_that_cant_be_honoured_are_refused_by_name(in_xp, demo_override
 
 
 def test_lora_over_the_non_custom_attention_is_refused_for_qkv(in_xp, demo_overrides, tmp_path):
-    from solvers.tiny import build_tiny_package
+    from solvers.demo.tiny import build_tiny_package
 
     pkg = build_tiny_package(tmp_path / 'plain_mha', overrides=('transformer_lm.memory_efficient=false',))
     with pytest.raises(AudiogenError, match='transformer_lm.memory_efficient=true'):
@@ -249,7 +249,8 @@ def test_lora_run_checkpoints_megabytes_and_exports_both_ways(lora_xp, trained_x
 
     from scripts import export as export_cli
     from scripts import generate as generate_cli
-    from solvers import export, train
+    from solvers import train
+    from solvers.models import export
 
     folder = lora_xp['folder']
     assert (folder / 'checkpoint.th').stat().st_size < 0.5 * (trained_xp['folder'] / 'checkpoint.th').stat().st_size
@@ -297,7 +298,7 @@ def test_lora_run_checkpoints_megabytes_and_exports_both_ways(lora_xp, trained_x
     assert torch.equal(merged_tokens, solver_tokens)
     # The adapter export and the XP signature load the same merged weights as the --merge package.
     for spec in (str(tmp_path / 'adapters'), sig):
-        from solvers import generation
+        from solvers.generation import generate as generation
 
         other = generation.load_model(generation.resolve_model(spec), 'cpu')
         for key, value in model.lm.state_dict().items():

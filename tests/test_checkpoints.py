@@ -14,7 +14,8 @@ import torch
 from conftest import run_dora, start_dora
 
 from solvers import atomic
-from solvers import checkpoints as ckpt
+from solvers.models import checkpoint_io
+from solvers.training import checkpoints as ckpt
 
 TIMING_KEYS = {'duration', 'tokens_per_s', 'mem_gb', 'rtf'}
 
@@ -75,7 +76,7 @@ def test_atomic_save_leaves_the_previous_checkpoint_on_a_crash(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         atomic.save_torch({'model': torch.zeros(3)}, path)
     monkeypatch.undo()
-    assert torch.equal(ckpt.safe_load(path)['model'], torch.ones(3))
+    assert torch.equal(checkpoint_io.safe_load(path)['model'], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ['checkpoint.th']
 
 
@@ -91,8 +92,8 @@ def test_pickle_payloads_are_refused_and_never_run(tmp_path):
     marker = tmp_path / 'pwned'
     path = tmp_path / 'checkpoint.th'
     torch.save({'model': {}, 'evil': _Payload(str(marker))}, path)
-    with pytest.raises(ckpt.CheckpointError, match='Refusing to load .*checkpoint.th'):
-        ckpt.safe_load(path)
+    with pytest.raises(checkpoint_io.CheckpointError, match='Refusing to load .*checkpoint.th'):
+        checkpoint_io.safe_load(path)
     assert not marker.exists()
 
 
@@ -101,7 +102,7 @@ def test_stock_audiocraft_checkpoints_with_a_pickled_config_load(tmp_path):
 
     path = tmp_path / 'checkpoint.th'
     torch.save({'xp.cfg': OmegaConf.create({'a': 1, 'b': [1, 'x']}), 'model': {'w': torch.ones(1)}}, path)
-    assert ckpt.safe_load(path)['xp.cfg'].b[1] == 'x'
+    assert checkpoint_io.safe_load(path)['xp.cfg'].b[1] == 'x'
 
 
 def test_rng_state_round_trips():
@@ -148,7 +149,7 @@ def test_retention_corruption_strictness_and_stale_files(tmp_path, short_run):
     folder = xp_folder(outputs)
     names = sorted(p.name for p in folder.glob('checkpoint*'))
     assert names == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_3.th', 'checkpoint_best.th']
-    assert set(ckpt.safe_load(folder / 'checkpoint_best.th')) >= {'best_state', 'xp.cfg', 'history'}
+    assert set(checkpoint_io.safe_load(folder / 'checkpoint_best.th')) >= {'best_state', 'xp.cfg', 'history'}
 
     # A truncated last checkpoint: resume falls back to the newest epoch checkpoint, with a warning.
     last = folder / 'checkpoint.th'
@@ -175,7 +176,7 @@ def test_missing_state_fails_loudly_unless_reset(tmp_path, short_run):
     folder = xp_folder(outputs)
     for path in folder.glob('checkpoint_[0-9]*.th'):
         path.unlink()
-    state = ckpt.safe_load(folder / 'checkpoint.th')
+    state = checkpoint_io.safe_load(folder / 'checkpoint.th')
     del state['optimizer']
     torch.save(state, folder / 'checkpoint.th')
     proc = run_dora(args, outputs, check=False)
@@ -224,7 +225,7 @@ def uninterrupted(tmp_path_factory, resume_args) -> dict:
     """The reference: the same run without interruption (data order doesn't depend on dataset.num_workers)."""
     outputs = tmp_path_factory.mktemp('straight')
     run_dora(resume_args + ['dataset.num_workers=0'], outputs)
-    return ckpt.safe_load(xp_folder(outputs) / 'checkpoint.th')
+    return checkpoint_io.safe_load(xp_folder(outputs) / 'checkpoint.th')
 
 
 @pytest.mark.slow
@@ -235,7 +236,7 @@ def test_exact_resume_after_sigkill(tmp_path, resume_args, uninterrupted):
     data order mid-epoch. Without workers, the same kill and resume is `test_exact_resume_after_sigkill_with_lora`."""
     kill_at = random.Random(2).randint(1, 5)  # among the 6 step/epoch checkpoint writes of the run
     _run_killed(resume_args + ['dataset.num_workers=2'], tmp_path / 'killed', kill_at)
-    resumed = ckpt.safe_load(xp_folder(tmp_path / 'killed') / 'checkpoint.th')
+    resumed = checkpoint_io.safe_load(xp_folder(tmp_path / 'killed') / 'checkpoint.th')
     assert len(resumed['history']) == 2
     assert_same_training_state(uninterrupted, resumed)
 
@@ -254,8 +255,8 @@ def test_two_process_data_parallel_matches_one(tmp_path, demo_overrides):
     run_dora(args, tmp_path / 'one')
     proc = run_dora(['-d', '--ddp_workers', '2', *args], tmp_path / 'two', timeout=600)
     assert 'world_size is 2' in proc.stderr + proc.stdout or (tmp_path / 'two').exists()
-    one = ckpt.safe_load(xp_folder(tmp_path / 'one') / 'checkpoint.th')['model']
-    two = ckpt.safe_load(xp_folder(tmp_path / 'two') / 'checkpoint.th')['model']
+    one = checkpoint_io.safe_load(xp_folder(tmp_path / 'one') / 'checkpoint.th')['model']
+    two = checkpoint_io.safe_load(xp_folder(tmp_path / 'two') / 'checkpoint.th')['model']
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert worst < 1e-5, worst  # same global batch; only the all-reduce summation order differs
     history = json.loads((xp_folder(tmp_path / 'two') / 'history.json').read_text())
@@ -293,7 +294,7 @@ def test_preemption_signal_checkpoints_then_resume_is_exact(tmp_path, resume_arg
     assert 'checkpointing at the next update' in (folder / 'solver.log.0').read_text()
     assert (folder / 'checkpoint_step.th').exists() or (folder / 'checkpoint.th').exists()
     run_dora(args, outputs)
-    assert_same_training_state(uninterrupted, ckpt.safe_load(folder / 'checkpoint.th'))
+    assert_same_training_state(uninterrupted, checkpoint_io.safe_load(folder / 'checkpoint.th'))
 
 
 @pytest.mark.slow
@@ -301,10 +302,10 @@ def test_exact_resume_after_sigkill_with_lora(tmp_path, resume_args):
     """The same guarantee for a LoRA run: the adapters, their EMA, optimizer and history resume bitwise."""
     args = resume_args + ['adapter=lora', 'dataset.num_workers=0']
     run_dora(args, tmp_path / 'straight')
-    reference = ckpt.safe_load(xp_folder(tmp_path / 'straight') / 'checkpoint.th')
+    reference = checkpoint_io.safe_load(xp_folder(tmp_path / 'straight') / 'checkpoint.th')
     assert reference['model'] and all('.lora_' in key for key in reference['model'])
     _run_killed(args, tmp_path / 'killed', random.Random(7).randint(1, 5))
-    resumed = ckpt.safe_load(xp_folder(tmp_path / 'killed') / 'checkpoint.th')
+    resumed = checkpoint_io.safe_load(xp_folder(tmp_path / 'killed') / 'checkpoint.th')
     assert len(resumed['history']) == 2
     assert_same_training_state(reference, resumed)
     assert resumed['adapter_layout'] == reference['adapter_layout']

@@ -19,11 +19,11 @@ from solvers.errors import AudiogenError
 # code it configures or is rejected (see solver._refuse_unsupported); only what the run below can't reach goes here.
 ALLOWED = {
     'dora': 'Dora itself: the XP folder root, signature exclusions, git checks, `dora grid` shepherd',
-    'slurm': "Dora's Shepherd when a grid or `dora launch` submits to SLURM (solvers/slurm.py maps it)",
+    'slurm': "Dora's Shepherd when a grid or `dora launch` submits to SLURM (solvers/training/slurm.py maps it)",
     'solver': "the solver preset's name (Hydra's group choice); solvers/train.py always builds our solver",
     'label': 'solvers/tensorboard.run_name, when set; the run below leaves it null',
     'execute_inplace': "audiocraft's run_one_stage, with execute_only (tests/test_train_e2e.py)",
-    'adapter': 'solvers/adapters.py, with adapter=lora (tests/test_adapters.py); this run is a full fine-tune',
+    'adapter': 'solvers/models/adapters.py, with adapter=lora (tests/test_adapters.py); this run is a full fine-tune',
     'fsdp': 'only fsdp.use is read: the solver refuses fsdp.use=true before any other fsdp key matters',
     'wandb': "audiocraft's StandardSolver, with logging.log_wandb=true",
     'cache.write': "audiocraft's token cache, only with cache.path, which the solver refuses",
@@ -126,7 +126,8 @@ def test_every_config_key_is_read_or_allowed(tmp_path, monkeypatch, demo_overrid
     ],
 )
 def test_audiocraft_keys_the_solver_replaces_are_refused_by_name(override, expected):
-    from solvers import project, solver
+    from solvers import project
+    from solvers.training import solver
 
     cfg = project.compose(['solver=audiogen/tiny', override])
     with pytest.raises(AudiogenError) as err:

@@ -12,7 +12,9 @@ import pytest
 import torch
 from conftest import ROOT, subprocess_env
 
-from solvers import build_cache, demo_classifier, demo_data
+from solvers.demo import build_cache
+from solvers.demo import classifier as demo_classifier
+from solvers.demo import synthetic as demo_data
 
 
 def test_known_and_new_classes_partition_the_demo_classes():
@@ -29,7 +31,7 @@ def test_new_captions_start_from_embeddings_the_pretraining_never_touched():
     (or with the null condition, bucket 0), else the base model would already 'know' it."""
     from audiocraft.modules.conditioners import hash_trick
 
-    from solvers.tiny import tiny_lm_config
+    from solvers.demo.tiny import tiny_lm_config
 
     n_bins = int(tiny_lm_config().conditioners.description.lut.n_bins)
 

@@ -1,4 +1,4 @@
-"""Evaluation (solvers/evaluation.py, solvers/listening.py, scripts/evaluate.py): the solver's evaluate stage on a
+"""Evaluation (solvers/evaluation/{evaluate,listening}.py, scripts/evaluate.py): the solver's evaluate stage on a
 tiny model, best-by-metric, the report CLI as a subprocess, and its listening page in headless Chromium."""
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import pytest
 import torch
 from conftest import ROOT, run_dora, subprocess_env
 
-from solvers import evaluation, listening, metrics, project
+from solvers import project
+from solvers.evaluation import evaluate as evaluation
+from solvers.evaluation import listening, metrics
 
 
 @pytest.fixture(scope='session')
@@ -230,7 +232,7 @@ def run_cli(args: list[str], outputs: Path, timeout: float = 900) -> subprocess.
 @pytest.fixture(scope='module')
 def report_folder(tmp_path_factory, tiny_package, tiny_dataset, tiny_clap) -> Path:
     """One `scripts/evaluate.py` run comparing two tiny packages on the tiny dataset's valid split."""
-    from solvers.tiny import build_tiny_package
+    from solvers.demo.tiny import build_tiny_package
 
     base = tmp_path_factory.mktemp('evaluate')
     other = build_tiny_package(base / 'other', seed=1)

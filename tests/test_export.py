@@ -1,4 +1,4 @@
-"""Export of a training XP as a package that plain audiocraft loads (scripts/export.py, solvers/export.py).
+"""Export of a training XP as a package that plain audiocraft loads (scripts/export.py, solvers/models/export.py).
 
 Fast tests use a hand-written XP (a checkpoint.th with distinct best/EMA/last weights over the session's tiny
 package); the `slow` ones export the XP that `dora run` trains in conftest's `trained_xp` and compare the export
@@ -18,7 +18,7 @@ from conftest import ROOT, subprocess_env
 from omegaconf import OmegaConf
 
 from scripts import export as export_cli
-from solvers import export, package
+from solvers.models import export, package
 
 FAKE_SIG = 'fa4e0001'
 
@@ -28,7 +28,7 @@ def make_fake_xp(outputs: Path, pkg: Path | str, sig: str = FAKE_SIG, ema: bool 
 
     The three weight sets are the package's LM plus different offsets, so a test can tell which one was taken.
     """
-    from solvers.tiny import tiny_lm_config
+    from solvers.demo.tiny import tiny_lm_config
 
     cfg = tiny_lm_config((f'pretrained={pkg}',))
     base = package.lm_state(str(pkg))
@@ -187,7 +187,7 @@ def test_cli_subprocess_bad_signature(tmp_path):
 
 def test_xp_and_its_export_generate_the_same_clips(outputs_env, exported):
     """generate.py on the XP (by signature) and on its export: same weights, same seeds, same tokens."""
-    from solvers import generation
+    from solvers.generation import generate as generation
 
     tokens = []
     for spec in (FAKE_SIG, str(exported)):

@@ -1,4 +1,5 @@
-"""The fast decoder (solvers/fastgen.py): the same tokens as audiocraft's LMModel.generate, on tiny LMs, on the CPU.
+"""The fast decoder (solvers/generation/fastgen.py): the same tokens as audiocraft's LMModel.generate, on tiny LMs,
+on the CPU.
 
 Exactness, not speed: speed is measured by benchmarks/bench_generate.py. Every LM here has random weights perturbed
 away from audiocraft's initialisation (non-zero biases, layer norms and layer scales), so that every parameter the
@@ -17,7 +18,9 @@ import torch
 from conftest import ROOT
 from torch import nn
 
-from solvers import fastgen, generation, package
+from solvers.generation import fastgen
+from solvers.generation import generate as generation
+from solvers.models import package
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import bench_generate  # noqa: E402  (the benchmark's one-token-per-word tokenizer)
@@ -45,7 +48,7 @@ def random_lm(overrides: tuple[str, ...] = (), seed: int = 0, words: bool = True
     """A tiny LM (the stand-in's architecture plus ``overrides``) with every parameter randomly perturbed."""
     from audiocraft.models import builders
 
-    from solvers.tiny import tiny_lm_config
+    from solvers.demo.tiny import tiny_lm_config
 
     torch.manual_seed(seed)
     lm = builders.get_lm_model(tiny_lm_config(overrides)).eval()
@@ -265,7 +268,7 @@ def test_unsupported_lms_fall_back_to_stock(caplog):
     new.load_state_dict(old.state_dict())
     wrapped.transformer.layers[1].linear2 = new
     assert 'Adapted in layer.linear2' in fastgen.unsupported_reason(wrapped)
-    caplog.set_level('DEBUG', logger='solvers.fastgen')
+    caplog.set_level('DEBUG', logger='solvers.generation.fastgen')
     fastgen._LOGGED.clear()
     for lm in (eager, rope, wrapped):
         assert fastgen.effective_decoder(lm, 'fast') == 'stock'

@@ -1,4 +1,4 @@
-"""Batch generation (scripts/generate.py, solvers/generation.py) on the tiny package, offline, on the CPU."""
+"""Batch generation (scripts/generate.py, solvers/generation/generate.py) on the tiny package, offline, on the CPU."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import torch
 from conftest import ROOT, subprocess_env
 
 from scripts import generate as generate_cli
-from solvers import atomic, audio_io, generation, package
+from solvers import atomic
+from solvers.generation import audio_io
+from solvers.generation import generate as generation
+from solvers.models import package
 
 PROMPTS = ['dog barking', 'sirens of an emergency vehicle']
 SIDECAR_KEYS = {

@@ -1,4 +1,5 @@
-"""The memory planner (solvers/memory.py, scripts/plan_memory.py) and what training does when a step runs out of memory.
+"""The memory planner (solvers/training/memory.py, scripts/plan_memory.py) and what training does when a step runs out
+of memory.
 
 Counts are checked against real builds of the same config, activations against autograd's saved tensors of a real
 training forward; the medium-size figures are in docs/benchmarks.md (benchmarks/bench_memory.py).
@@ -14,8 +15,10 @@ import torch
 from conftest import ROOT, subprocess_env
 
 from scripts import plan_memory
-from solvers import adapters, checkpoints, memory, project
+from solvers import project
 from solvers.errors import AudiogenError
+from solvers.models import adapters, checkpoint_io
+from solvers.training import memory
 
 TINY = ['solver=audiogen/tiny']
 
@@ -141,5 +144,5 @@ def test_out_of_memory_in_training_says_what_fits_and_keeps_the_checkpoint(in_xp
     assert message.startswith('Out of GPU memory in update 1 of epoch 2 (CUDA out of memory.')
     assert 'The planner expected' in message and 'total' in message
     assert 'Re-run with' in message and 'holds the last checkpoint' in message
-    state = checkpoints.safe_load(solver.checkpoint_path())
+    state = checkpoint_io.safe_load(solver.checkpoint_path())
     assert len(state['history']) == 1  # epoch 1, whole; nothing of epoch 2

@@ -1,4 +1,5 @@
-"""Layer 2: the evaluation metrics (solvers/metrics.py) on a tiny random CLAP built offline and on synthetic audio."""
+"""Layer 2: the evaluation metrics (solvers/evaluation/metrics.py) on a tiny random CLAP built offline and on synthetic
+audio."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from solvers import metrics
+from solvers.evaluation import metrics
 
 SR = 16000
 
@@ -198,7 +199,7 @@ def test_pesq_and_stoi_say_nan_when_they_cannot_measure():
 
 
 def test_codec_fidelity_of_the_tiny_codec(tiny_package):
-    from solvers import package
+    from solvers.models import package
 
     codec = package.load_compression_model(str(tiny_package))
     clips = [speech_like(1.5), with_noise(speech_like(2.0), 0.01)]

@@ -1,4 +1,4 @@
-"""scripts/prepare_dataset.py and solvers/dataprep/ on a fuzz corpus of broken and odd inputs, built in tmp dirs."""
+"""scripts/prepare_dataset.py and solvers/data/ on a fuzz corpus of broken and odd inputs, built in tmp dirs."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from solvers import dataprep
-from solvers.dataprep import PrepareConfig, plan_chunks, prepare
+from solvers import data as dataprep
+from solvers.data import PrepareConfig, plan_chunks, prepare
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,7 +285,7 @@ def test_manifests_load_with_audiocraft_and_sound_dataset_reads_captions(fuzz):
 
 
 def test_rerun_converts_nothing_then_only_the_added_file(tmp_path):
-    from solvers.demo_data import make_demo_dataset
+    from solvers.demo.synthetic import make_demo_dataset
 
     dataset = tmp_path / 'dataset'
     make_demo_dataset(dataset, seed=1, per_class=2)
@@ -455,7 +455,7 @@ def test_cli_end_to_end_preset_strict_and_errors(tmp_path):
 
 
 def test_killed_run_leaves_no_truncated_outputs_and_resumes(tmp_path):
-    from solvers.demo_data import make_demo_dataset
+    from solvers.demo.synthetic import make_demo_dataset
 
     dataset = tmp_path / 'dataset'
     make_demo_dataset(dataset, seed=2, per_class=8)
@@ -495,7 +495,7 @@ def test_killed_run_leaves_no_truncated_outputs_and_resumes(tmp_path):
 
 
 def test_make_demo_data_is_deterministic_and_varied(tmp_path):
-    from solvers.demo_data import CLASSES, make_demo_dataset
+    from solvers.demo.synthetic import CLASSES, make_demo_dataset
 
     a = make_demo_dataset(tmp_path / 'a', seed=0, per_class=2)
     make_demo_dataset(tmp_path / 'b', seed=0, per_class=2)

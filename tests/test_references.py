@@ -1,10 +1,10 @@
-"""solvers/references.py: every kind of model reference, and what an unknown one says."""
+"""solvers/models/references.py: every kind of model reference, and what an unknown one says."""
 
 from __future__ import annotations
 
 import pytest
 
-from solvers import references
+from solvers.models import references
 
 
 @pytest.fixture()

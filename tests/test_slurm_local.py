@@ -1,4 +1,5 @@
-"""The local SLURM (scripts/slurm_local.sh) runs submitit jobs and requeues them; `solvers/slurm.py` maps presets.
+"""The local SLURM (scripts/slurm_local.sh) runs submitit jobs and requeues them; `solvers/training/slurm.py` maps
+presets.
 
 The `slurm`-marked tests submit real jobs to partition `local` and skip, with the reason shown by `pytest -ra`, when no
 such SLURM answers; set AUDIOGEN_REQUIRE_SLURM=1 (CI does) to make them fail instead. The mapping tests need no SLURM.
@@ -23,7 +24,7 @@ from dora.conf import SlurmConfig, update_from_hydra
 from dora.shep import Shepherd
 from omegaconf import OmegaConf
 
-from solvers.slurm import PRESET_DIR, SlurmConfigError, hand_over_to_submitit, slurm_parameters, slurm_preset
+from solvers.training.slurm import PRESET_DIR, SlurmConfigError, hand_over_to_submitit, slurm_parameters, slurm_preset
 
 PARTITION = 'local'
 START_HINT = 'start it as root with `scripts/slurm_local.sh install && scripts/slurm_local.sh start`'
@@ -131,7 +132,8 @@ class _Counter(submitit.helpers.Checkpointable):
         self.progress = 0
 
     def __call__(self) -> tuple[int, int]:
-        # USR2 as the solver takes it (solvers/solver.py): submitit requeues, a requeue that SIGTERMs scontrol counts.
+        # USR2 as the solver takes it (solvers/training/solver.py): submitit requeues, a requeue that SIGTERMs
+        # scontrol counts.
         submitits = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, functools.partial(_requeue_and_exit, submitits))
         restarts = int(os.environ.get('SLURM_RESTART_COUNT', '0'))
@@ -174,7 +176,7 @@ def test_preemption_signal_checkpoints_and_requeues(local_slurm, tmp_path, monke
 
     To requeue the job SLURM ends it with SIGTERM, which reaches `scontrol requeue` too when it has not exited yet (a
     loaded node). The job's scontrol here lingers after its answer, so that SIGTERM always stops it: the job must count
-    as requeued all the same, as the solver's hand-over (solvers/slurm.py) makes it.
+    as requeued all the same, as the solver's hand-over (solvers/training/slurm.py) makes it.
     """
     slow_bin = tmp_path / 'bin'
     slow_bin.mkdir()

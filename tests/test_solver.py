@@ -9,8 +9,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from solvers import package
-from solvers.tiny import build_tiny_package
+from solvers.demo.tiny import build_tiny_package
+from solvers.models import package
 
 
 @contextmanager
@@ -179,7 +179,7 @@ def test_missing_package_is_explained(in_xp, demo_overrides, tmp_path):
 
 
 def test_samples_are_minus_14_lufs(in_xp, demo_overrides):
-    from solvers import audio_io
+    from solvers.generation import audio_io
 
     solver = in_xp(demo_overrides)
     solver.restore()
@@ -212,7 +212,7 @@ def test_valid_reads_every_clip_once_without_num_samples(in_xp, demo_overrides, 
     """Prepared presets leave dataset.valid.num_samples null: valid must read one segment of each valid clip."""
     from audiocraft.utils.utils import get_dataset_from_loader
 
-    from solvers import dataprep
+    from solvers import data as dataprep
 
     solver = in_xp(demo_overrides)
     assert solver.cfg.dataset.valid.num_samples == len(dataprep.read_manifest(tiny_dataset['valid']))
@@ -258,7 +258,8 @@ def test_ema_moves_after_the_first_update_even_in_a_short_run(in_xp, demo_overri
 def test_a_full_disk_stops_with_what_was_kept(in_xp, demo_overrides, monkeypatch):
     import errno
 
-    from solvers import atomic, checkpoints
+    from solvers import atomic
+    from solvers.models import checkpoint_io
 
     solver = in_xp(demo_overrides + ['optim.epochs=2', 'generate.prompts=[]'])
     solver.run_epoch()
@@ -269,7 +270,7 @@ def test_a_full_disk_stops_with_what_was_kept(in_xp, demo_overrides, monkeypatch
 
     monkeypatch.setattr(atomic, 'save_torch', full)
     solver.run_epoch()
-    with pytest.raises(checkpoints.CheckpointError) as err:
+    with pytest.raises(checkpoint_io.CheckpointError) as err:
         solver.commit()
     message = str(err.value)
     assert 'is full' in message and 'checkpoint.th is intact and holds 1 completed epoch' in message
@@ -278,7 +279,7 @@ def test_a_full_disk_stops_with_what_was_kept(in_xp, demo_overrides, monkeypatch
 
 
 def test_samples_default_to_the_datasets_captions(in_xp, demo_overrides, tiny_dataset):
-    from solvers import dataprep
+    from solvers import data as dataprep
 
     solver = in_xp(demo_overrides + ['generate.prompts=null'])
     prompts = solver.sample_prompts()

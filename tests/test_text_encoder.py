@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, subprocess_env
 
-from solvers import lm
+from solvers.models import lm
 
 T5_NAME = 't5-small'  # a name audiocraft's T5Conditioner accepts; the weights are a tiny random stand-in
 WORDS = (
@@ -71,7 +71,7 @@ def t5_package(tmp_path_factory, hf_home) -> Path:
     """A tiny package whose text conditioner is T5 (the conditioner type of facebook/audiogen-medium)."""
     out = tmp_path_factory.mktemp('t5_package') / 'pkg'
     code = (
-        'import sys; from solvers.tiny import build_tiny_package; build_tiny_package(sys.argv[1], overrides=('
+        'import sys; from solvers.demo.tiny import build_tiny_package; build_tiny_package(sys.argv[1], overrides=('
         f"'conditioners.description.model=t5', 'conditioners.description.t5.name={T5_NAME}'))"
     )
     env = dict(subprocess_env(), HF_HOME=str(hf_home))
@@ -85,7 +85,8 @@ def t5_package(tmp_path_factory, hf_home) -> Path:
 def test_t5_conditioned_package_loads_from_the_offline_cache(t5_package, hf_home):
     # A subprocess: huggingface_hub reads HF_HOME once, at import.
     code = (
-        'import sys; from audiocraft.modules.conditioners import T5Conditioner; from solvers import lm, package; '
+        'import sys; from audiocraft.modules.conditioners import T5Conditioner; '
+        'from solvers.models import lm, package; '
         'model = lm.build_lm_model(package.lm_config(sys.argv[1])); '
         "c = model.condition_provider.conditioners['description']; assert isinstance(c, T5Conditioner); "
         'ids = c.t5_tokenizer(lm.PROBE_TEXT, add_special_tokens=False).input_ids; '

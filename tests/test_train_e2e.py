@@ -8,7 +8,7 @@ import math
 import soundfile
 import torch
 
-from solvers import audio_io
+from solvers.generation import audio_io
 
 
 def history(folder):

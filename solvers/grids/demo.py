@@ -19,12 +19,12 @@ import os
 
 from dora import Launcher
 
-from .. import package
-from ..dataprep import read_manifest
-from ..errors import AudiogenError
-from ..project import compose, resolve_path
-from ..slurm import slurm_preset
-from ._explorers import AudioGenExplorer
+from solvers.data import read_manifest
+from solvers.errors import AudiogenError
+from solvers.grids._explorers import AudioGenExplorer
+from solvers.models import package
+from solvers.project import compose, resolve_path
+from solvers.training.slurm import slurm_preset
 
 LRS = [1e-3, 3e-4]  # the demo preset's lr and a third of it
 SCHEDULE = {

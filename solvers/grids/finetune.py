@@ -23,9 +23,9 @@ import os
 
 from dora import Launcher
 
-from ..project import preset_names, user_config_dir
-from ..slurm import slurm_preset
-from ._explorers import AudioGenExplorer
+from solvers.grids._explorers import AudioGenExplorer
+from solvers.project import preset_names, user_config_dir
+from solvers.training.slurm import slurm_preset
 
 LRS = [1e-5, 3e-5, 1e-4]  # around the preset's 3e-5 (a third of pre-training's 1e-4), a factor ~3 apart
 GRAD_ACCUM_STEPS = [2, 4, 8]  # x BATCH_SIZE = 16, 32, 64 clips per update (the preset's default is 4)

@@ -1,0 +1,1 @@
+"""Metrics, the evaluate stage and the listening report."""

@@ -1,0 +1,1 @@
+"""The one generation path: the seeded sampler, the fast decoders, codec decode and writing audio files."""

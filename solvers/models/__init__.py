@@ -1,0 +1,1 @@
+"""Pretrained packages, model references, the LM builder, adapters, checkpoint reading and export."""
