@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONWARNINGS := ignore
 
-.PHONY: demo test test-fast lint install clean-demo
+.PHONY: demo test test-fast lint install clean-demo gpu-check gpu-check-smoke
 
 $(UV):
 	$(PYTHON) -m pip install --user --quiet uv || $(PYTHON) -m pip install --user --quiet --break-system-packages uv
@@ -38,6 +38,15 @@ test: $(VENV)/.synced
 
 test-fast: $(VENV)/.synced
 	$(PY) -m pytest -n auto --dist loadgroup --no-loadscope-reorder -m "not slow and not slurm"
+
+# Every GPU claim of the README and docs on one CUDA GPU, in minutes, no download (benchmarks/gpu_check.py): the gpu
+# tests, bf16/fp16 steps of medium's architecture (full and LoRA) with peak memory beside the planner, decoding speed.
+gpu-check: $(VENV)/.synced
+	$(PY) benchmarks/gpu_check.py
+
+# The same script on the CPU at tiny shapes (CI runs it through tests/test_gpu_check.py so it can't rot).
+gpu-check-smoke: $(VENV)/.synced
+	$(PY) benchmarks/gpu_check.py --smoke
 
 lint: $(VENV)/.synced
 	$(VENV)/bin/ruff check solvers scripts tests benchmarks hatch_build.py

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from solvers import project
 from solvers.demo import tiny_codec
 from solvers.models import package
+from solvers.models.lm import build_lm_model
 
 # A SEANet EnCodec at 16 kHz with the medium codec's stride (8*5*4*2 = 320 samples: 50 Hz) and 4 codebooks: the
 # demo's trained codec (tiny_codec.CODEC_CONFIG) at half its width, a few thousand random parameters. Codebooks start
@@ -40,7 +41,7 @@ def build_tiny_package(out_dir: str | os.PathLike, seed: int = 0, overrides: tup
 
     torch.manual_seed(seed)
     lm_cfg = tiny_lm_config(overrides)
-    lm = builders.get_lm_model(lm_cfg)
+    lm = build_lm_model(lm_cfg)
     codec_cfg = OmegaConf.create(TINY_CODEC)
     codec = builders.get_compression_model(codec_cfg)
     assert codec.cardinality == lm_cfg.transformer_lm.card and codec.num_codebooks == lm_cfg.transformer_lm.n_q

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from solvers.demo import build_cache, tiny, tiny_codec
 from solvers.demo import synthetic as demo_data
 from solvers.models import package
+from solvers.models.lm import build_lm_model
 
 RECIPE: dict[str, tp.Any] = {
     'classes': demo_data.KNOWN_CLASSES,
@@ -80,12 +81,10 @@ def lm_loss(lm, codes: torch.Tensor, captions: list[str]) -> torch.Tensor:
 
 def pretrain(recipe: dict, codec_state: dict, log: tp.Callable[[str], None] = print) -> dict:
     """Train the tiny LM from its seed on ``recipe['classes']``; returns ``{'best_state': weights}``."""
-    from audiocraft.models import builders
-
     with build_cache.single_thread():
         torch.manual_seed(recipe['seed'])
         rng = np.random.default_rng(recipe['seed'])
-        lm = builders.get_lm_model(lm_config())
+        lm = build_lm_model(lm_config())
         codes, captions = encode_bank(tiny_codec.load(codec_state), recipe)
         opt = torch.optim.AdamW(lm.parameters(), lr=recipe['lr'], betas=(0.9, 0.95), weight_decay=0.0)
         steps, warmup = recipe['steps'], recipe['warmup']

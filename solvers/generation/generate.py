@@ -37,12 +37,12 @@ import typing as tp
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from solvers import atomic
 from solvers.errors import AudiogenError
 from solvers.generation import audio_io, fastgen
 from solvers.models import export, package, references
+from solvers.models.lm import build_lm_model
 
 logger = logging.getLogger(__name__)
 
@@ -142,25 +142,6 @@ def pick_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-def build_lm(cfg: DictConfig, state: dict, device: str, dtype: str = 'auto'):
-    """Build an LM from its config and weights the way ``audiocraft.models.loaders.load_lm_model`` does.
-
-    Like the upstream loader: float32 on CPU, float16 on GPU (``dtype='auto'``; AudioGen then samples under
-    autocast of that dtype), and ``lm.cfg`` set so ``AudioGen`` finds its window (``dataset.segment_duration``) and
-    codec wrapping.
-    """
-    from solvers.models.lm import build_lm_model
-
-    cfg = cfg.copy()
-    cfg.device = str(device)
-    cfg.dtype = pick_dtype(dtype, device)
-    lm = build_lm_model(cfg)
-    lm.load_state_dict(state)
-    lm.eval()
-    lm.cfg = cfg  # type: ignore[assignment]  # what loaders.load_lm_model sets too
-    return lm
-
-
 @functools.cache
 def _audiogen_class() -> type:
     """The AudioGen subclass we generate with (built lazily: importing audiocraft.models takes seconds)."""
@@ -244,7 +225,7 @@ def load_model(source: ModelSource, device: str = 'cpu', decoder: str = 'fast', 
         )
     dtype = pick_dtype(dtype, device)
     compression_model = package.load_compression_model(pkg, device)
-    lm = build_lm(cfg, state, device, dtype)
+    lm = build_lm_model(cfg, state, device=device, dtype=dtype)
     if 'self_wav' in lm.condition_provider.conditioners:
         raise GenerationError(f"{source.given} is conditioned on audio (self_wav), which AudioGen doesn't support.")
     model = build_audiogen(name, compression_model, lm, decoder)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import typing as tp
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from solvers.errors import AudiogenError
 
@@ -43,14 +43,30 @@ def fetch_hint(name: str) -> str:
     )
 
 
-def build_lm_model(cfg: DictConfig) -> tp.Any:
-    """``audiocraft.models.builders.get_lm_model(cfg)``, with T5 loading failures explained.
+def build_lm_model(
+    cfg: DictConfig, state: dict | None = None, device: str | None = None, dtype: str | None = None
+) -> tp.Any:
+    """The one LM builder: ``audiocraft.models.builders.get_lm_model(cfg)``, with T5 loading failures explained.
+
+    Training, generation, the memory planner (on the meta device) and the tiny packages all build through here.
+
+    Args:
+        cfg: the LM config (audiocraft's flat keys), never modified: a copy takes ``device`` and ``dtype``.
+        state: weights to load; the LM is then put in eval mode and ``lm.cfg`` set to the config, as
+            ``audiocraft.models.loaders.load_lm_model`` does (``AudioGen`` reads its window and codec wrapping there).
+        device: where to build it (``cfg.device`` when None), ``meta`` for shapes only.
+        dtype: its parameters' dtype (``cfg.dtype`` when None).
 
     Raises:
         TextEncoderError: a T5 model is neither cached nor reachable, or its tokenizer maps ordinary words to <unk>.
     """
     from audiocraft.models import builders
 
+    if device is not None or dtype is not None:
+        cfg = cfg.copy()  # the caller's config stays as it is (the solver's own is used as is: its reads are tracked)
+        OmegaConf.set_struct(cfg, False)
+        cfg.device = str(device) if device is not None else cfg.device
+        cfg.dtype = dtype if dtype is not None else cfg.dtype
     names = t5_names(cfg)
     try:
         lm = builders.get_lm_model(cfg)
@@ -62,6 +78,10 @@ def build_lm_model(cfg: DictConfig) -> tp.Any:
             f'be reached ({str(err).strip().splitlines()[0]}). {fetch_hint(names[0])}'
         ) from None
     check_text_conditioners(lm)
+    if state is not None:
+        lm.load_state_dict(state)
+        lm.eval()
+        lm.cfg = cfg  # type: ignore[assignment]  # what audiocraft.models.loaders.load_lm_model sets too
     return lm
 
 

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from solvers.models import adapters
+from solvers.models.lm import build_lm_model
 
 GB = 1e9
 # T5 encoders audiocraft's T5Conditioner accepts: (parameters of the encoder alone, d_model). From the published
@@ -105,11 +106,8 @@ def t5_counts(name: str) -> tuple[int, int]:
 
 def build_on_meta(cfg: DictConfig) -> tp.Any:
     """The configured LM (with its LoRA adapters and freezing) on the meta device: shapes only, no memory."""
-    from audiocraft.models import builders
-
     cfg = copy.deepcopy(cfg)
     OmegaConf.set_struct(cfg, False)
-    cfg.device, cfg.dtype = 'meta', 'float32'
     description = cfg.conditioners.description
     if description.model == 't5':
         # The LM holds T5's output projection only (T5 itself stays outside its state): a lookup table of the same
@@ -119,7 +117,7 @@ def build_on_meta(cfg: DictConfig) -> tp.Any:
         description.lut.n_bins = 1
         description.lut.tokenizer = 'noop'
     adapters.check_settings(cfg)
-    lm = builders.get_lm_model(cfg)
+    lm = build_lm_model(cfg, device='meta', dtype='float32')
     if adapters.enabled(cfg):
         adapters.inject_lora(lm, cfg.adapter)
     elif cfg.freeze.first_layers or cfg.freeze.embeddings or cfg.freeze.conditioner:

@@ -38,15 +38,15 @@ import dataclasses
 import signal
 import subprocess
 import typing as tp
-from pathlib import Path
 
 from dora.conf import SlurmConfig
 from omegaconf import DictConfig, OmegaConf
 from submitit.core.logger import get_logger as submitit_logger
 
 from solvers.errors import AudiogenError
+from solvers.project import CONFIG_DIR
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / 'config' / 'slurm'
+PRESET_DIR = CONFIG_DIR / 'slurm'
 # Our keys for CPU-only jobs; Dora knows only per-GPU amounts, so they are folded into those below.
 CPU_ONLY_KEYS = ('mem_gb', 'cpus')
 DORA_KEYS = tuple(field.name for field in dataclasses.fields(SlurmConfig))
