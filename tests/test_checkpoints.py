@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_dora, start_dora
+from helpers import in_stage, one_batch, run_dora, start_dora
 
 from solvers import atomic
+from solvers.errors import AudiogenError
 from solvers.models import checkpoint_io
 from solvers.training import checkpoints as ckpt
 
@@ -115,16 +116,17 @@ def test_rng_state_round_trips():
 
 
 def test_divergence_guard_stops_with_the_last_good_checkpoint(in_xp, demo_overrides):
-    from test_solver import one_batch, stage
-
     solver = in_xp(demo_overrides + ['optim.max_bad_steps=2'])
     solver.restore()
     batch = one_batch(solver, 4)
     hook = solver.model.linears[0].weight.register_hook(lambda grad: grad * float('inf'))
-    with stage(solver, 'train'):
+
+    def two_bad_steps() -> None:
         solver.run_step(0, [batch], {})
-        with pytest.raises(RuntimeError, match=r'2 consecutive non-finite steps.*update 2.*checkpoint\.th'):
+        with pytest.raises(AudiogenError, match=r'2 consecutive non-finite steps.*update 2.*checkpoint\.th'):
             solver.run_step(1, [batch], {})
+
+    in_stage(solver, 'train', two_bad_steps)
     hook.remove()
 
 

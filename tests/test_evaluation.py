@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_dora, subprocess_env
+from helpers import ROOT, run_dora, subprocess_env
 
 from solvers import project
 from solvers.evaluation import evaluate as evaluation
@@ -405,9 +405,9 @@ def test_best_state_follows_the_configured_metric(in_xp, demo_overrides, tiny_cl
         for param in solver.model.parameters():
             param.add_(0.01)  # this epoch's weights differ from the best state's
     solver.history.append({'valid': {'ce': 9.0}, 'evaluate': {'clap': 0.5}})
-    solver._pending_metrics = {'valid': {'ce': 1.0}, 'evaluate': {'clap': clap}}
-    solver._update_best_state()
-    assert solver._new_best_state is new_best
+    solver.run_stage('valid', lambda: {'ce': 1.0})  # this epoch's stages, as flashy records them
+    solver.run_stage('evaluate', lambda: {'clap': clap})
+    assert solver.update_best_state() is new_best
     best = solver.best_state.state_dict()['model']
     current = solver.model.state_dict()
     assert all(torch.equal(best[k], current[k]) for k in current) is new_best

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from helpers import ROOT, subprocess_env
 from omegaconf import OmegaConf
 
 from scripts import export as export_cli
