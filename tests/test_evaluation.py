@@ -420,3 +420,57 @@ def test_a_best_metric_that_is_never_computed_is_refused(in_xp, demo_overrides):
         in_xp(demo_overrides + ['checkpoint.best_metric=evaluate/clap', 'evaluate.clap.model=tiny'])
     with pytest.raises(AudiogenError, match='evaluate/codec_pesq is not computed'):
         in_xp(demo_overrides + ['checkpoint.best_metric=evaluate/codec_pesq', 'evaluate.every=1'])
+
+
+@pytest.mark.slow
+def test_the_evaluate_stages_clip_is_the_clis_clip(in_xp, demo_overrides, tmp_path, monkeypatch):
+    """One generation path: for one tiny XP and one seed, the clip the evaluate stage scores is bit for bit the file
+    `python -m scripts.generate <caption> --model <sig>` writes with training's sampling settings."""
+    import soundfile
+
+    from solvers.generation import audio_io
+
+    replaced = ('dataset.segment_duration', 'optim.epochs', 'optim.updates_per_epoch', 'schedule.cosine.warmup')
+    overrides = [o for o in demo_overrides if not o.startswith(replaced)] + [
+        'dataset.segment_duration=2.5',  # the CLI needs a window longer than audiocraft's 2 s sliding stride
+        'optim.epochs=1',
+        'optim.updates_per_epoch=1',
+        'schedule.cosine.warmup=0',
+        'generate.prompts=[]',
+        'evaluate.num_prompts=1',
+        'evaluate.seeds=[3]',
+        'evaluate.duration=1.0',
+        'evaluate.clap.model=null',  # no CLAP: the stage still generates and scores (codec) its clips
+    ]
+    scored: list = []
+    score = evaluation.Judge.score
+
+    def spy(judge, prompts, wavs, sample_rate, partners=None):
+        scored.extend(zip(prompts, wavs))
+        return score(judge, prompts, wavs, sample_rate, partners)
+
+    monkeypatch.setattr(evaluation.Judge, 'score', spy)
+    solver = in_xp(overrides)
+    solver.run()  # one epoch: its evaluate stage scores the EMA weights that became the best state
+    assert len(scored) == 1
+    prompt, stage_clip = scored[0]
+    lm, coef = solver.cfg.generate.lm, solver.cfg.classifier_free_guidance.inference_coef
+    sampling = ['--top_k', str(lm.top_k), '--top_p', str(lm.top_p), '--temperature', str(lm.temp)]
+    out = tmp_path / 'cli'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'scripts.generate', prompt, '--model', solver.xp.sig, '--seeds', '3']
+        + ['--duration', '1', '--cfg_coef', str(coef), *sampling, '--device', 'cpu', '--out', str(out)]
+        + ['--no-progress'],
+        cwd=ROOT,
+        env=subprocess_env(),  # AUDIOGEN_OUTPUTS: in_xp's outputs, where the XP is
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli_file = next(out.rglob('3.wav'))
+    assert json.loads(cli_file.with_suffix('.json').read_text())['decoder'] == 'fast'
+    stage_file = audio_io.write_audio(tmp_path / 'stage.wav', stage_clip, solver.compression_model.sample_rate)
+    ours, _ = soundfile.read(stage_file, dtype='int16')
+    theirs, _ = soundfile.read(cli_file, dtype='int16')
+    assert ours.shape == theirs.shape and (ours == theirs).all()
