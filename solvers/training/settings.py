@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 class SettingsError(AudiogenError, ValueError):
     """A config value the run can't honour; the message names the key and the fix."""
 
+
 # Evaluation scores that can choose the best state (the codec scores are fixed for a run; clap_real too).
 BEST_EVALUATE_METRICS = ('clap', 'kad', 'fad', 'kld')
 # audiocraft keys that this solver's hooks replace, with why; a value other than the default stops the run by name.
