@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, run_dora, subprocess_env
+from helpers import ROOT, subprocess_env
 
 from solvers import project
 from solvers.evaluation import evaluate as evaluation
@@ -147,12 +147,16 @@ def test_evaluate_stage_on_the_tiny_model(in_xp, demo_overrides, tiny_clap, capl
 
 
 @pytest.mark.slow
-def test_dora_run_logs_evaluation_to_history_and_tensorboard(tmp_path, demo_overrides, tiny_clap):
+def test_training_logs_evaluation_to_history_and_tensorboard(in_xp, demo_overrides, tiny_clap):
+    """In-process (the solver's run inside its XP, as `dora run` runs it; tests/test_train_e2e.py runs `dora run`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    outputs = tmp_path / 'outputs'
-    run_dora(demo_overrides + eval_overrides(tiny_clap) + ['evaluate.every=1'], outputs)
-    folder = next((outputs / 'xps').iterdir())
+    from solvers.training import curves
+
+    solver = in_xp(demo_overrides + eval_overrides(tiny_clap) + ['evaluate.every=1'])
+    solver.run()
+    curves.installed(solver.result_logger).writer.flush()  # a `dora run` flushes it as its process ends
+    folder = solver.folder
     history = json.loads((folder / 'history.json').read_text())
     assert len(history) == 2
     for epoch in history:
