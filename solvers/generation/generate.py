@@ -4,7 +4,10 @@ Models: an HF id, a local package dir (ours or an export), or a training XP (sig
 or last weights. Every model ends up as an ``audiocraft.models.AudioGen`` and is sampled through its ``generate``,
 whose LM decoding goes through
 :mod:`solvers.generation.fastgen` (the same tokens as audiocraft's, faster) unless the model
-was loaded with ``decoder='stock'``.
+was loaded with ``decoder='stock'``. It is the one generation path: scripts/generate.py and scripts/evaluate.py
+(:func:`run`), and training's epoch samples and evaluate stage and the demo report (:func:`generate_clips`, the
+solver's LM wrapped by :func:`training_audiogen`) all batch with :func:`clip_batches` and sample with
+:func:`generate_batch`.
 
 Reproducibility (see docs/generate.md):
 

@@ -2,7 +2,8 @@
 
 Each prompt is generated with seed :data:`SEED` by :func:`solvers.generation.generate.generate_clips`, so the sample
 of an epoch whose weights became the best state is the file ``python -m scripts.generate "<prompt>" --model <sig>
---seeds 0 --duration <generate.duration>`` writes (same sampling settings).
+--seeds 0 --duration <generate.duration>`` writes with the same sampling settings (up to the float rounding of
+differently sized batches that solvers/generation/generate.py describes; bit for bit on the CPU).
 """
 
 from __future__ import annotations
