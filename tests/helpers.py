@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FAKE_SIG = 'feedbeef'
+FAKE_SIG = 'fa4e0001'
 SLURM_PARTITION = 'local'
 SLURM_START_HINT = 'start it as root with `scripts/slurm_local.sh install && scripts/slurm_local.sh start`'
 T = tp.TypeVar('T')
