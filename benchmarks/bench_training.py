@@ -206,7 +206,7 @@ def checkpoint_sizes(model: tp.Any, optimizer: torch.optim.Optimizer) -> tuple[i
 
 def run_medium_lora(args: argparse.Namespace) -> int:
     """Build, step, measure, and print the measured figures beside the planner's."""
-    from solvers.training.solver import build_optimizer
+    from solvers.training.optim import build_optimizer
 
     cuda = args.device.startswith('cuda')
     if args.dtype == 'float16' and not cuda:

@@ -102,7 +102,7 @@ def build_lm(cfg: tp.Any, device: str, lora: bool) -> tuple[tp.Any, list[torch.n
 
 def training_step(args: argparse.Namespace, name: str, recipe: tuple[str, ...], dtype: str) -> dict:
     """Two updates of one recipe in one dtype: the second timed, the peak memory of both, the planner beside."""
-    from solvers.training.solver import build_optimizer
+    from solvers.training.optim import build_optimizer
 
     cuda = args.device == 'cuda'
     overrides = [

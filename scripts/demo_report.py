@@ -27,10 +27,12 @@ def judge(
     model = generation.load_model(generation.resolve_model(model_ref))
     generation.GenerationParams(duration=duration).apply(model)
     chosen = demo_data.select_classes(','.join(classes))
+    captions = [caption for cls in chosen for caption in cls.captions]
+    # scripts/generate.py's path; one batch: the LUT conditioning gives every caption the same shape, and each clip
+    # samples from its own seed.
+    clips = generation.generate_clips(model, captions, seeds, max_batch=len(captions) * len(seeds))
     items = [(cls.name, caption, seed) for cls in chosen for caption in cls.captions for seed in seeds]
-    # One batch: the LUT conditioning gives every caption the same shape, and each item samples from its own seed.
-    audio = generation.generate_batch(model, [i[1] for i in items], [i[2] for i in items])
-    predicted = classifier.predict([wav[0].numpy() for wav in audio])
+    predicted = classifier.predict([clips[(caption, seed)][0].numpy() for _, caption, seed in items])
     heard: dict[str, list[str]] = {cls.name: [] for cls in chosen}
     for (name, _, _), label in zip(items, predicted):
         heard[name].append(label)

@@ -93,7 +93,7 @@ def init_seed_and_system(cfg: omegaconf.DictConfig) -> None:
     if cfg.mp_start_method == 'forkserver':
         # Loader workers fork from the server, which imports the solver (audiocraft, torch: ~5 s) once; otherwise each
         # worker of each stage's loader imports it again when it unpickles the dataset. The server touches no GPU.
-        multiprocessing.set_forkserver_preload(['__main__', f'{__package__}.solver'])
+        multiprocessing.set_forkserver_preload(['__main__', f'{__package__}.training.solver'])
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -12,13 +12,13 @@ import typing as tp
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, run_dora, slurm_problem, subprocess_env
 
 os.environ['HF_HUB_OFFLINE'] = '1'  # no test may reach the hub
 os.environ['TRANSFORMERS_OFFLINE'] = '1'
 # `make test` runs the tests on parallel pytest-xdist workers, each starting torch processes with their configured
 # threads: OpenMP threads that spin while another process holds the core turn a millisecond step into a second.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-ROOT = Path(__file__).resolve().parents[1]
 # Session fixtures that run a whole XP: their users share one xdist worker rather than each worker running it.
 SHARED_RUNS = ('trained_xp',)
 # Work units (xdist groups or single tests) that take longest, handed out first, longest first: the SLURM tests
@@ -95,44 +95,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=rank)
 
 
-def subprocess_env(outputs: Path | None = None) -> dict[str, str]:
-    """Environment for CLI subprocesses: offline, quiet, XPs under ``outputs``."""
-    env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', PYTHONWARNINGS='ignore')
-    if outputs is not None:
-        env['AUDIOGEN_OUTPUTS'] = str(outputs)
-    return env
-
-
-def run_dora(
-    args: tp.Sequence[str], outputs: Path, check: bool = True, timeout: float = 600, command: str = 'run'
-) -> subprocess.CompletedProcess:
-    """`python -m dora <command> <args>` from the project root, as a user would run it."""
-    proc = subprocess.run(
-        [sys.executable, '-m', 'dora', command, *args],
-        cwd=ROOT,
-        env=subprocess_env(outputs),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f'dora {command} {" ".join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}')
-    return proc
-
-
-def start_dora(args: tp.Sequence[str], outputs: Path, stderr: int | None = subprocess.PIPE) -> subprocess.Popen:
-    """`python -m dora run <args>` in the background, in its own process group (a terminal's job), stdout discarded."""
-    return subprocess.Popen(
-        [sys.executable, '-m', 'dora', 'run', *args],
-        cwd=ROOT,
-        env=subprocess_env(outputs),
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-        text=True,
-        start_new_session=True,
-    )
-
-
 @pytest.fixture(scope='session')
 def tiny_package(tmp_path_factory) -> Path:
     """A tiny random package in facebook/audiogen-medium's layout."""
@@ -200,6 +162,19 @@ def trained_xp(tmp_path_factory, demo_overrides) -> dict[str, tp.Any]:
     folders = list((outputs / 'xps').iterdir())
     assert len(folders) == 1
     return {'folder': folders[0], 'outputs': outputs, 'overrides': demo_overrides, 'log': proc.stderr + proc.stdout}
+
+
+@pytest.fixture(scope='session')
+def local_slurm() -> str:
+    """The partition of the local SLURM; skips (or fails with AUDIOGEN_REQUIRE_SLURM=1) when it is not up."""
+    from helpers import SLURM_PARTITION
+
+    problem = slurm_problem()
+    if problem is not None:
+        if os.environ.get('AUDIOGEN_REQUIRE_SLURM') == '1':
+            pytest.fail(f'AUDIOGEN_REQUIRE_SLURM=1 but {problem}')
+        pytest.skip(problem)
+    return SLURM_PARTITION
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_solver import one_batch, stage
+from helpers import in_stage, one_batch
 
 from solvers.errors import AudiogenError
 from solvers.models import adapters, package
@@ -29,9 +29,11 @@ def plain_lm(pkg) -> torch.nn.Module:
 
 def logits(lm, solver, audio, infos) -> torch.Tensor:
     """Eval-mode logits of ``lm`` on a batch prepared by the solver (no CFG dropout: the model is in eval mode)."""
-    with torch.no_grad(), stage(solver, 'valid'):
+    with torch.no_grad():
         solver.model.eval()
-        conditions, tokens, _ = solver._prepare_tokens_and_attributes((audio, infos))
+        provider = solver.model.condition_provider
+        conditions = provider(provider.tokenize([info.to_condition_attributes() for info in infos]))
+        tokens, _ = solver.compression_model.encode(audio.to(solver.device))
         lm.eval()
         return lm.compute_predictions(tokens, [], conditions).logits
 
@@ -59,8 +61,7 @@ def test_lora_starts_equal_to_the_base_and_only_adapters_train(in_xp, demo_overr
         equal_nan=True,
     )
     before = {k: v.clone() for k, v in solver.model.state_dict().items()}
-    with stage(solver, 'train'):
-        solver.run_step(0, [(audio, infos)], {})
+    in_stage(solver, 'train', lambda: solver.run_step(0, [(audio, infos)], {}))
     after = solver.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all('.lora_' in k for k in changed), sorted(changed)[:5]
@@ -123,8 +124,7 @@ def test_freezing_keeps_the_chosen_parts(in_xp, demo_overrides):
     solver.restore()
     before = {k: v.clone() for k, v in solver.model.state_dict().items()}
     audio, infos = one_batch(solver, 4)
-    with stage(solver, 'train'):
-        solver.run_step(0, [(audio, infos)], {})
+    in_stage(solver, 'train', lambda: solver.run_step(0, [(audio, infos)], {}))
     after = solver.model.state_dict()
     frozen = ('transformer.layers.0.', 'emb.', 'condition_provider.conditioners.description.output_proj.')
     moved = {key for key in before if not torch.equal(before[key], after[key])}
@@ -161,8 +161,7 @@ def test_activation_checkpointing_gives_the_same_gradients(in_xp, demo_overrides
             return step(*args, **kwargs)
 
         solver.optimizer.step = spy
-        with stage(solver, 'train'):
-            solver.run_step(0, [(audio, infos)], {})
+        in_stage(solver, 'train', lambda s=solver, b=[(audio, infos)]: s.run_step(0, b, {}))
         grads.append(captured)
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
@@ -173,8 +172,7 @@ def test_eight_bit_adamw_steps_and_keeps_8_bit_moments(in_xp, demo_overrides):
     solver = in_xp(demo_overrides + LORA + ['optim.optimizer=adamw8bit', 'adapter.rank=64'])
     solver.restore()
     audio, infos = one_batch(solver, 4)
-    with stage(solver, 'train'):
-        metrics = solver.run_step(0, [(audio, infos)], {})
+    metrics = in_stage(solver, 'train', lambda: solver.run_step(0, [(audio, infos)], {}))
     assert metrics['skipped'] == 0
     moments = [v for state in solver.optimizer.state.values() for k, v in state.items() if k == 'state1']
     assert moments and any(m.dtype == torch.uint8 for m in moments)
@@ -224,8 +222,7 @@ def test_lora_step_on_cuda_with_the_base_in_half_precision(in_xp, demo_overrides
     assert frozen and all(p.dtype == getattr(torch, dtype) for p in frozen)
     assert all(p.dtype == torch.float32 for p in solver.adapter.parameters())
     audio, infos = one_batch(solver, 4)
-    with stage(solver, 'train'):
-        metrics = solver.run_step(0, [(audio, infos)], {})
+    metrics = in_stage(solver, 'train', lambda: solver.run_step(0, [(audio, infos)], {}))
     assert torch.isfinite(metrics['ce'])
     assert all(v.device.type == 'cpu' for v in solver.ema.state_dict()['state']['model'].values())
 
@@ -234,7 +231,7 @@ def test_lora_step_on_cuda_with_the_base_in_half_precision(in_xp, demo_overrides
 @pytest.fixture(scope='session')
 def lora_xp(tmp_path_factory, demo_overrides) -> dict:
     """A LoRA fine-tune of the tiny package through `dora run ... adapter=lora`."""
-    from conftest import run_dora
+    from helpers import run_dora
 
     outputs = tmp_path_factory.mktemp('lora_outputs')
     run_dora(demo_overrides + ['adapter=lora'], outputs)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_dora, start_dora
+from helpers import in_stage, one_batch, run_dora, start_dora
 
 from solvers import atomic
+from solvers.errors import AudiogenError
 from solvers.models import checkpoint_io
 from solvers.training import checkpoints as ckpt
 
@@ -115,16 +116,17 @@ def test_rng_state_round_trips():
 
 
 def test_divergence_guard_stops_with_the_last_good_checkpoint(in_xp, demo_overrides):
-    from test_solver import one_batch, stage
-
     solver = in_xp(demo_overrides + ['optim.max_bad_steps=2'])
     solver.restore()
     batch = one_batch(solver, 4)
     hook = solver.model.linears[0].weight.register_hook(lambda grad: grad * float('inf'))
-    with stage(solver, 'train'):
+
+    def two_bad_steps() -> None:
         solver.run_step(0, [batch], {})
-        with pytest.raises(RuntimeError, match=r'2 consecutive non-finite steps.*update 2.*checkpoint\.th'):
+        with pytest.raises(AudiogenError, match=r'2 consecutive non-finite steps.*update 2.*checkpoint\.th'):
             solver.run_step(1, [batch], {})
+
+    in_stage(solver, 'train', two_bad_steps)
     hook.remove()
 
 
@@ -143,10 +145,14 @@ def short_run(demo_overrides):
 
 
 @pytest.mark.slow
-def test_retention_corruption_strictness_and_stale_files(tmp_path, short_run):
-    outputs = tmp_path / 'outputs'
-    run_dora(short_run, outputs)
-    folder = xp_folder(outputs)
+def test_retention_corruption_strictness_and_stale_files(in_xp, short_run, caplog):
+    """In-process (the resume policy is solvers/training/resume.py; `dora run` resumes are the tests below)."""
+    from solvers.training import resume
+
+    caplog.set_level('INFO')
+    solver = in_xp(short_run)
+    solver.run()
+    folder = solver.folder
     names = sorted(p.name for p in folder.glob('checkpoint*'))
     assert names == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_3.th', 'checkpoint_best.th']
     assert set(checkpoint_io.safe_load(folder / 'checkpoint_best.th')) >= {'best_state', 'xp.cfg', 'history'}
@@ -156,34 +162,37 @@ def test_retention_corruption_strictness_and_stale_files(tmp_path, short_run):
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 3])
     (folder / 'checkpoint.th.x1y2.tmp').write_bytes(b'left by a crash')
-    proc = run_dora(short_run + ['optim.epochs=3'], outputs)
-    log = proc.stderr + proc.stdout
-    assert 'unreadable' in log and 'Resuming from' in log and 'checkpoint_3.th' in log
-    assert 'Removed 1 temporary file' in log and not (folder / 'checkpoint.th.x1y2.tmp').exists()
+    again = in_xp(short_run)  # the re-run: same command, same XP
+    again.restore()
+    assert len(again.history) == 3
+    assert 'unreadable' in caplog.text and 'Resuming from' in caplog.text and 'checkpoint_3.th' in caplog.text
+    assert 'Removed 1 temporary file' in caplog.text and not (folder / 'checkpoint.th.x1y2.tmp').exists()
 
     # Nothing loadable: a clear error naming the files, never a silent restart from scratch.
     for path in folder.glob('checkpoint*.th'):
         path.write_bytes(b'garbage')
-    proc = run_dora(short_run, outputs, check=False)
-    assert proc.returncode != 0 and 'No loadable checkpoint' in proc.stderr and 'checkpoint_3.th' in proc.stderr
+    with pytest.raises(checkpoint_io.CheckpointError, match=r'No loadable checkpoint(.|\n)*checkpoint_3\.th'):
+        resume.load_resume_state(resume.CheckpointFiles(folder), again.stateful.sources, [], ema=True)
 
 
 @pytest.mark.slow
-def test_missing_state_fails_loudly_unless_reset(tmp_path, short_run):
-    outputs = tmp_path / 'outputs'
+def test_missing_state_fails_loudly_unless_reset(in_xp, short_run, caplog):
+    """In-process: a re-run's restore, as `dora run` does it (solvers/train.py builds the solver, then runs it)."""
+    caplog.set_level('INFO')
     args = [o for o in short_run if not o.startswith('optim.epochs')] + ['optim.epochs=1', 'schedule.cosine.warmup=1']
-    run_dora(args, outputs)
-    folder = xp_folder(outputs)
+    solver = in_xp(args)
+    solver.run()
+    folder = solver.folder
     for path in folder.glob('checkpoint_[0-9]*.th'):
         path.unlink()
     state = checkpoint_io.safe_load(folder / 'checkpoint.th')
     del state['optimizer']
     torch.save(state, folder / 'checkpoint.th')
-    proc = run_dora(args, outputs, check=False)
-    assert proc.returncode != 0
-    assert 'lacks optimizer' in proc.stderr and 'checkpoint.reset=[optimizer]' in proc.stderr
-    proc = run_dora(args + ['checkpoint.reset=[optimizer]'], outputs)
-    assert 'Loading existing checkpoint' in proc.stderr + proc.stdout
+    with pytest.raises(checkpoint_io.CheckpointError, match=r'lacks optimizer.*checkpoint\.reset=\[optimizer\]'):
+        in_xp(args).restore()
+    caplog.clear()
+    in_xp(args + ['checkpoint.reset=[optimizer]']).restore()
+    assert 'Loading existing checkpoint' in caplog.text
 
 
 def _run_killed(args: list[str], outputs: Path, kill_at: int) -> None:

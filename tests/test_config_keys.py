@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from solvers.errors import AudiogenError
 
 # Keys read outside an in-process CPU run of the tiny preset, with who reads them. A new key either gets read by the
-# code it configures or is rejected (see solver._refuse_unsupported); only what the run below can't reach goes here.
+# code it configures or is rejected (see solvers/training/settings.py); only what the run below can't reach goes here.
 ALLOWED = {
     'dora': 'Dora itself: the XP folder root, signature exclusions, git checks, `dora grid` shepherd',
     'slurm': "Dora's Shepherd when a grid or `dora launch` submits to SLURM (solvers/training/slurm.py maps it)",
@@ -127,9 +127,9 @@ def test_every_config_key_is_read_or_allowed(tmp_path, monkeypatch, demo_overrid
 )
 def test_audiocraft_keys_the_solver_replaces_are_refused_by_name(override, expected):
     from solvers import project
-    from solvers.training import solver
+    from solvers.training import settings
 
     cfg = project.compose(['solver=audiogen/tiny', override])
     with pytest.raises(AudiogenError) as err:
-        solver._refuse_unsupported(cfg)
+        settings.refuse_unsupported(cfg)
     assert expected in str(err.value)

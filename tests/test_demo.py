@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from helpers import ROOT, subprocess_env
 
 from solvers.demo import build_cache
 from solvers.demo import classifier as demo_classifier

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_dora, subprocess_env
+from helpers import ROOT, subprocess_env
 
 from solvers import project
 from solvers.evaluation import evaluate as evaluation
@@ -147,12 +147,16 @@ def test_evaluate_stage_on_the_tiny_model(in_xp, demo_overrides, tiny_clap, capl
 
 
 @pytest.mark.slow
-def test_dora_run_logs_evaluation_to_history_and_tensorboard(tmp_path, demo_overrides, tiny_clap):
+def test_training_logs_evaluation_to_history_and_tensorboard(in_xp, demo_overrides, tiny_clap):
+    """In-process (the solver's run inside its XP, as `dora run` runs it; tests/test_train_e2e.py runs `dora run`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    outputs = tmp_path / 'outputs'
-    run_dora(demo_overrides + eval_overrides(tiny_clap) + ['evaluate.every=1'], outputs)
-    folder = next((outputs / 'xps').iterdir())
+    from solvers.training import curves
+
+    solver = in_xp(demo_overrides + eval_overrides(tiny_clap) + ['evaluate.every=1'])
+    solver.run()
+    curves.installed(solver.result_logger).writer.flush()  # a `dora run` flushes it as its process ends
+    folder = solver.folder
     history = json.loads((folder / 'history.json').read_text())
     assert len(history) == 2
     for epoch in history:
@@ -405,9 +409,9 @@ def test_best_state_follows_the_configured_metric(in_xp, demo_overrides, tiny_cl
         for param in solver.model.parameters():
             param.add_(0.01)  # this epoch's weights differ from the best state's
     solver.history.append({'valid': {'ce': 9.0}, 'evaluate': {'clap': 0.5}})
-    solver._pending_metrics = {'valid': {'ce': 1.0}, 'evaluate': {'clap': clap}}
-    solver._update_best_state()
-    assert solver._new_best_state is new_best
+    solver.run_stage('valid', lambda: {'ce': 1.0})  # this epoch's stages, as flashy records them
+    solver.run_stage('evaluate', lambda: {'clap': clap})
+    assert solver.update_best_state() is new_best
     best = solver.best_state.state_dict()['model']
     current = solver.model.state_dict()
     assert all(torch.equal(best[k], current[k]) for k in current) is new_best
@@ -420,3 +424,57 @@ def test_a_best_metric_that_is_never_computed_is_refused(in_xp, demo_overrides):
         in_xp(demo_overrides + ['checkpoint.best_metric=evaluate/clap', 'evaluate.clap.model=tiny'])
     with pytest.raises(AudiogenError, match='evaluate/codec_pesq is not computed'):
         in_xp(demo_overrides + ['checkpoint.best_metric=evaluate/codec_pesq', 'evaluate.every=1'])
+
+
+@pytest.mark.slow
+def test_the_evaluate_stages_clip_is_the_clis_clip(in_xp, demo_overrides, tmp_path, monkeypatch):
+    """One generation path: for one tiny XP and one seed, the clip the evaluate stage scores is bit for bit the file
+    `python -m scripts.generate <caption> --model <sig>` writes with training's sampling settings."""
+    import soundfile
+
+    from solvers.generation import audio_io
+
+    replaced = ('dataset.segment_duration', 'optim.epochs', 'optim.updates_per_epoch', 'schedule.cosine.warmup')
+    overrides = [o for o in demo_overrides if not o.startswith(replaced)] + [
+        'dataset.segment_duration=2.5',  # the CLI needs a window longer than audiocraft's 2 s sliding stride
+        'optim.epochs=1',
+        'optim.updates_per_epoch=1',
+        'schedule.cosine.warmup=0',
+        'generate.prompts=[]',
+        'evaluate.num_prompts=1',
+        'evaluate.seeds=[3]',
+        'evaluate.duration=1.0',
+        'evaluate.clap.model=null',  # no CLAP: the stage still generates and scores (codec) its clips
+    ]
+    scored: list = []
+    score = evaluation.Judge.score
+
+    def spy(judge, prompts, wavs, sample_rate, partners=None):
+        scored.extend(zip(prompts, wavs))
+        return score(judge, prompts, wavs, sample_rate, partners)
+
+    monkeypatch.setattr(evaluation.Judge, 'score', spy)
+    solver = in_xp(overrides)
+    solver.run()  # one epoch: its evaluate stage scores the EMA weights that became the best state
+    assert len(scored) == 1
+    prompt, stage_clip = scored[0]
+    lm, coef = solver.cfg.generate.lm, solver.cfg.classifier_free_guidance.inference_coef
+    sampling = ['--top_k', str(lm.top_k), '--top_p', str(lm.top_p), '--temperature', str(lm.temp)]
+    out = tmp_path / 'cli'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'scripts.generate', prompt, '--model', solver.xp.sig, '--seeds', '3']
+        + ['--duration', '1', '--cfg_coef', str(coef), *sampling, '--device', 'cpu', '--out', str(out)]
+        + ['--no-progress'],
+        cwd=ROOT,
+        env=subprocess_env(),  # AUDIOGEN_OUTPUTS: in_xp's outputs, where the XP is
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli_file = next(out.rglob('3.wav'))
+    assert json.loads(cli_file.with_suffix('.json').read_text())['decoder'] == 'fast'
+    stage_file = audio_io.write_audio(tmp_path / 'stage.wav', stage_clip, solver.compression_model.sample_rate)
+    ours, _ = soundfile.read(stage_file, dtype='int16')
+    theirs, _ = soundfile.read(cli_file, dtype='int16')
+    assert ours.shape == theirs.shape and (ours == theirs).all()

@@ -14,41 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from helpers import FAKE_SIG, ROOT, make_fake_xp, subprocess_env
 from omegaconf import OmegaConf
 
 from scripts import export as export_cli
 from solvers.models import export, package
-
-FAKE_SIG = 'fa4e0001'
-
-
-def make_fake_xp(outputs: Path, pkg: Path | str, sig: str = FAKE_SIG, ema: bool = True) -> Path:
-    """An XP folder as the solver leaves it: checkpoint.th with xp.cfg (YAML), best_state, ema, model, history.
-
-    The three weight sets are the package's LM plus different offsets, so a test can tell which one was taken.
-    """
-    from solvers.demo.tiny import tiny_lm_config
-
-    cfg = tiny_lm_config((f'pretrained={pkg}',))
-    base = package.lm_state(str(pkg))
-
-    def shifted(offset: float) -> dict:
-        return {k: v + offset if v.is_floating_point() else v.clone() for k, v in base.items()}
-
-    state = {
-        'xp.cfg': OmegaConf.to_yaml(cfg),
-        'xp.sig': sig,
-        'history': [{'valid': {'ce': 5.0}}] * 2,
-        'best_state': {'model': shifted(0.01)},
-        'fsdp_best_state': {},
-        'model': shifted(0.03),
-        'ema': {'state': {'model': shifted(0.02)}, 'count': 4} if ema else None,
-    }
-    folder = outputs / 'xps' / sig
-    folder.mkdir(parents=True)
-    torch.save(state, folder / 'checkpoint.th')
-    return folder
 
 
 @pytest.fixture(scope='session')

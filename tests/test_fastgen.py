@@ -15,7 +15,7 @@ import typing as tp
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from torch import nn
 
 from solvers.generation import fastgen

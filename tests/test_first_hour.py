@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 SR = 16000
 CAPTIONS = {  # short sound effects, as sound designers make them: blips, clicks, hits, short tones

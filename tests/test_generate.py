@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import soundfile
 import torch
-from conftest import ROOT, subprocess_env
+from helpers import ROOT, subprocess_env
 
 from scripts import generate as generate_cli
 from solvers import atomic
@@ -266,7 +266,7 @@ def test_cli_subprocess_rejects_an_empty_prompt(tmp_path):
 
 
 def test_fake_xp_weights_are_recorded(tmp_path, tiny_package, monkeypatch):
-    from test_export import make_fake_xp
+    from helpers import make_fake_xp
 
     make_fake_xp(tmp_path / 'outputs', tiny_package, sig='abcdef12')
     monkeypatch.setenv('AUDIOGEN_OUTPUTS', str(tmp_path / 'outputs'))

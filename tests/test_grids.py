@@ -1,7 +1,7 @@
 """The Dora grids of solvers/grids/: their expansion (`dora grid --dry_run`, no SLURM), and on the local SLURM the demo
 grid end to end and a demo XP that is preempted (USR2), requeued (`scontrol requeue`, SIGTERM) and still finishes.
 
-The `slurm`-marked tests use the local SLURM of scripts/slurm_local.sh through test_slurm_local's `local_slurm`
+The `slurm`-marked tests use the local SLURM of scripts/slurm_local.sh through conftest's `local_slurm`
 fixture: they skip with the reason shown by `pytest -ra` when it is not up, and fail instead with
 AUDIOGEN_REQUIRE_SLURM=1. Jobs are small (1-2 CPUs, 2-4 GB) and at most two run at once.
 """
@@ -17,15 +17,11 @@ import typing as tp
 from pathlib import Path
 
 import pytest
-import test_slurm_local
-from conftest import run_dora
+from helpers import run_dora
 
 from solvers.grids import demo as demo_grid
 from solvers.grids import finetune as finetune_grid
 from solvers.grids._explorers import AudioGenExplorer
-
-# The session fixture that skips (or fails with AUDIOGEN_REQUIRE_SLURM=1) when the local SLURM is not up.
-local_slurm = test_slurm_local.local_slurm
 
 SCHEDULED = re.compile(r'Scheduled job (\d+) for sheep ([0-9a-f]{8})/')
 FINAL_STATES = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED')

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, subprocess_env
+from helpers import ROOT, subprocess_env
 
 
 def test_the_commands_run_from_any_directory(tmp_path):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from helpers import ROOT, subprocess_env
 
 from scripts import plan_memory
 from solvers import project

@@ -22,44 +22,14 @@ import pytest
 import submitit
 from dora.conf import SlurmConfig, update_from_hydra
 from dora.shep import Shepherd
+from helpers import SLURM_START_HINT
 from omegaconf import OmegaConf
 
 from solvers.training.slurm import PRESET_DIR, SlurmConfigError, hand_over_to_submitit, slurm_parameters, slurm_preset
 
-PARTITION = 'local'
-START_HINT = 'start it as root with `scripts/slurm_local.sh install && scripts/slurm_local.sh start`'
 # Jobs unpickle this module's functions and classes; it is imported by file path under pytest, not by a module name
 # the job's python could import, so send them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def _slurm_problem() -> str | None:
-    """Why the local SLURM can't take jobs now, or None when partition `local` has a usable node."""
-    if shutil.which('sinfo') is None:
-        return f'SLURM is not installed (no sinfo): {START_HINT}'
-    try:
-        proc = subprocess.run(['sinfo', '-h', '-p', PARTITION, '-o', '%T'], capture_output=True, text=True, timeout=15)
-    except subprocess.TimeoutExpired:
-        return f'sinfo did not answer within 15 s: {START_HINT}'
-    if proc.returncode != 0:
-        return f'slurmctld does not answer ({proc.stderr.strip()[:200]}): {START_HINT}'
-    states = proc.stdout.split()
-    if not states:
-        return f'SLURM has no partition {PARTITION!r}: {START_HINT}'
-    if not {'idle', 'mixed', 'allocated', 'completing'} & set(states):
-        return f'partition {PARTITION!r} has no usable node (states: {", ".join(states)}): {START_HINT}'
-    return None
-
-
-@pytest.fixture(scope='session')
-def local_slurm() -> str:
-    """The partition of the local SLURM; skips (or fails with AUDIOGEN_REQUIRE_SLURM=1) when it is not up."""
-    problem = _slurm_problem()
-    if problem is not None:
-        if os.environ.get('AUDIOGEN_REQUIRE_SLURM') == '1':
-            pytest.fail(f'AUDIOGEN_REQUIRE_SLURM=1 but {problem}')
-        pytest.skip(problem)
-    return PARTITION
 
 
 def _executor(folder: Path, partition: str, **params: tp.Any) -> submitit.AutoExecutor:
@@ -262,8 +232,8 @@ def _sbatch(params: dict[str, tp.Any], tmp_path: Path) -> str:
     """The sbatch script Dora's Shepherd would submit for these parameters (submitit needs SLURM's binaries)."""
     if shutil.which('srun') is None:
         if os.environ.get('AUDIOGEN_REQUIRE_SLURM') == '1':
-            pytest.fail(f'AUDIOGEN_REQUIRE_SLURM=1 but srun is not installed: {START_HINT}')
-        pytest.skip(f'submitit builds sbatch scripts only where srun is installed: {START_HINT}')
+            pytest.fail(f'AUDIOGEN_REQUIRE_SLURM=1 but srun is not installed: {SLURM_START_HINT}')
+        pytest.skip(f'submitit builds sbatch scripts only where srun is installed: {SLURM_START_HINT}')
     slurm = SlurmConfig()
     update_from_hydra(slurm, OmegaConf.create(params))
     executor = Shepherd._get_submitit_executor(tp.cast(Shepherd, None), 'xp', tmp_path, slurm)

@@ -4,34 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
+from helpers import ckpt_load, in_stage, one_batch
 
 from solvers.demo.tiny import build_tiny_package
 from solvers.models import package
-
-
-@contextmanager
-def stage(solver, name: str):
-    """Run code as if inside flashy's `run_stage(name)` (what `is_training` and the formatters look at)."""
-    solver._current_stage = name
-    try:
-        yield
-    finally:
-        solver._current_stage = None
-
-
-def one_batch(solver, size: int):
-    """A fixed batch of `size` clips from the valid loader (deterministic order, no shuffling; passes over the
-    valid clips again when there are fewer than `size`)."""
-    audios, infos = [], []
-    while len(infos) < size:
-        for audio, info in solver.dataloaders['valid']:
-            audios.append(audio)
-            infos.extend(info)
-    return torch.cat(audios)[:size], infos[:size]
 
 
 def snapshot(solver) -> dict:
@@ -89,11 +68,15 @@ def test_gradient_accumulation_matches_a_larger_batch(in_xp, demo_overrides):
         return step(*args, **kwargs)
 
     solver.optimizer.step = spy
-    with stage(solver, 'train'):
+
+    def accumulated_then_whole() -> dict:
         solver.run_step(0, [(audio[:4], infos[:4]), (audio[4:], infos[4:])], {})
         accumulated = copy.deepcopy(solver.model.state_dict())
         restore(solver, initial)
         solver.run_step(0, [(audio, infos)], {})
+        return accumulated
+
+    accumulated = in_stage(solver, 'train', accumulated_then_whole)
     assert len(grads) == 2 and grads[0].keys() == grads[1].keys() and grads[0]
     for name, grad in grads[1].items():
         torch.testing.assert_close(grads[0][name], grad, rtol=1e-4, atol=1e-7)
@@ -112,8 +95,8 @@ def test_clipping_bounds_the_norm(in_xp, demo_overrides):
         return step(*args, **kwargs)
 
     solver.optimizer.step = spy
-    with stage(solver, 'train'):
-        metrics = solver.run_step(0, [one_batch(solver, 4)], {})
+    batch = one_batch(solver, 4)
+    metrics = in_stage(solver, 'train', lambda: solver.run_step(0, [batch], {}))
     assert float(metrics['grad_norm']) > 0.01  # the norm before clipping is reported
     assert seen and seen[0] <= 0.01 * (1 + 1e-4)
 
@@ -134,7 +117,7 @@ def test_ema_follows_its_decay(in_xp, demo_overrides):
         expected = expected * (1 - 1 / count) + value / count
         torch.testing.assert_close(ema.state_dict()['state']['model'][name], expected)
     # A step skipped by the non-finite guard leaves the EMA untouched.
-    solver._bad_steps = 1
+    solver.guard.skip(torch.tensor(float('nan')), 'epoch 1 update 1', solver.checkpoint_path())
     with torch.no_grad():
         params[name].fill_(100.0)
     ema.step()
@@ -147,16 +130,22 @@ def test_non_finite_gradients_skip_the_step(in_xp, demo_overrides):
     batch = one_batch(solver, 4)
     weights = copy.deepcopy(solver.model.state_dict())
     lr_epoch = solver.lr_scheduler.last_epoch
-    hook = solver.model.linears[0].weight.register_hook(lambda grad: grad * float('nan'))
-    with stage(solver, 'train'):
-        metrics = solver.run_step(0, [batch], {})
-    hook.remove()
-    assert metrics['skipped'] == 1
-    for key, value in solver.model.state_dict().items():
+    seen = {}
+
+    def bad_then_good() -> None:
+        hook = solver.model.linears[0].weight.register_hook(lambda grad: grad * float('nan'))
+        seen['bad'] = solver.run_step(0, [batch], {})
+        hook.remove()
+        seen['weights'] = copy.deepcopy(solver.model.state_dict())
+        seen['lr_epoch'], seen['moments'] = solver.lr_scheduler.last_epoch, dict(solver.optimizer.state)
+        seen['good'] = solver.run_step(1, [batch], {})
+
+    in_stage(solver, 'train', bad_then_good)
+    assert seen['bad']['skipped'] == 1
+    for key, value in seen['weights'].items():
         assert torch.equal(value, weights[key]), key
-    assert solver.lr_scheduler.last_epoch == lr_epoch and not solver.optimizer.state
-    with stage(solver, 'train'):
-        assert solver.run_step(1, [batch], {})['skipped'] == 0
+    assert seen['lr_epoch'] == lr_epoch and not seen['moments']
+    assert seen['good']['skipped'] == 0
     assert solver.lr_scheduler.last_epoch == lr_epoch + 1
 
 
@@ -183,8 +172,7 @@ def test_samples_are_minus_14_lufs(in_xp, demo_overrides):
 
     solver = in_xp(demo_overrides)
     solver.restore()
-    with stage(solver, 'generate'):
-        metrics = solver.generate()
+    metrics = in_stage(solver, 'generate', solver.generate)
     files = sorted((solver.folder / 'samples' / 'epoch_001').glob('*.wav'))
     assert len(files) == len(solver.sample_prompts()) == solver.cfg.generate.prompts_from_dataset
     assert math.isclose(metrics['lufs'], -14.0, abs_tol=1.0)
@@ -203,8 +191,8 @@ def test_mixed_precision_step_on_cuda(in_xp, demo_overrides, dtype):
     solver = in_xp(demo_overrides + ['device=cuda', 'autocast=true', f'autocast_dtype={dtype}'])
     solver.restore()
     assert solver.cfg.autocast and (solver.scaler is not None) == (solver.cfg.autocast_dtype == 'float16')
-    with stage(solver, 'train'):
-        metrics = solver.run_step(0, [one_batch(solver, 4)], {})
+    batch = one_batch(solver, 4)
+    metrics = in_stage(solver, 'train', lambda: solver.run_step(0, [batch], {}))
     assert math.isfinite(float(metrics['ce'])) and metrics['mem_gb'] > 0
 
 
@@ -288,10 +276,6 @@ def test_samples_default_to_the_datasets_captions(in_xp, demo_overrides, tiny_da
     )
     assert len(prompts) == solver.cfg.generate.prompts_from_dataset and set(prompts) <= set(captions)
     assert in_xp(demo_overrides + ['generate.prompts=[]']).sample_prompts() == []
-
-
-def ckpt_load(path):
-    return torch.load(path, weights_only=True, map_location='cpu')
 
 
 def test_model_from_package_takes_the_architecture_of_any_package(in_xp, demo_overrides, tmp_path):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, subprocess_env
+from helpers import ROOT, subprocess_env
 
 from solvers.models import lm
 

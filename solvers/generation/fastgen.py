@@ -40,6 +40,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from solvers.errors import AudiogenError
+
 logger = logging.getLogger(__name__)
 
 # fast: exact eager path; graph: CUDA graphs (CUDA only); stock: audiocraft's LMModel.generate.
@@ -131,24 +133,51 @@ def _log_fallback(reason: str) -> None:
         logger.debug('Fast decoding does not apply (%s): using LMModel.generate.', reason)
 
 
+class DecoderError(AudiogenError, ValueError):
+    """An unknown decoder, or one this device can't run; the message names the option and the fix."""
+
+
+# How each caller's user names the decoder option, the device it needs for graphs, and the CPU's fix.
+_NAMING = {
+    'cli': ('--decoder {}', '--device cuda', '--decoder fast (the default)'),
+    'config': ('generate.decoder={}', 'device=cuda', 'generate.decoder=fast'),
+    'api': ("decoder '{}'", 'the model on a CUDA device', "decoder 'fast'"),
+}
+
+
+def check_decoder(decoder: str, device: str | torch.device, naming: str = 'api') -> str:
+    """The one check of a decoder name against the device it runs on; returns ``decoder``.
+
+    Args:
+        decoder: one of :data:`DECODERS` (``static`` too for ``naming='api'``: the tests' eager graph step).
+        device: where the LM is (or will be).
+        naming: how the caller's user names the option: ``cli`` (``--decoder``), ``config``
+            (``generate.decoder=``) or ``api`` (a function argument).
+    Raises:
+        DecoderError: naming the option, the choices or the device it needs.
+    """
+    option, needs, fix = _NAMING[naming]
+    allowed = _ALL_DECODERS if naming == 'api' else DECODERS
+    if decoder not in allowed:
+        raise DecoderError(f'{option.format(decoder)}: choose one of {", ".join(DECODERS)}.')
+    if decoder == 'graph' and not str(device).startswith('cuda'):
+        raise DecoderError(f'{option.format(decoder)} captures CUDA graphs and needs {needs}; on the CPU use {fix}.')
+    return decoder
+
+
 def effective_decoder(lm: tp.Any, decoder: str) -> str:
     """The decoder that will actually run for ``decoder`` on ``lm`` (``stock`` when the fast path can't apply).
 
     Raises:
-        ValueError: an unknown decoder, or ``graph`` on an LM that isn't on a CUDA device.
+        DecoderError: an unknown decoder, or ``graph`` on an LM that isn't on a CUDA device.
     """
-    if decoder not in _ALL_DECODERS:
-        raise ValueError(f'decoder {decoder!r}: choose one of {", ".join(DECODERS)}.')
+    check_decoder(decoder, next(iter(lm.parameters())).device if decoder == 'graph' else 'cpu')
     if decoder == 'stock':
         return 'stock'
     reason = unsupported_reason(lm)
     if reason is not None:
         _log_fallback(reason)
         return 'stock'
-    if decoder == 'graph' and next(iter(lm.parameters())).device.type != 'cuda':
-        raise ValueError(
-            "decoder 'graph' captures CUDA graphs and needs the model on a CUDA device; use decoder 'fast' on the CPU."
-        )
     return decoder
 
 
@@ -558,13 +587,19 @@ def generate(
         check=check,
         callback=callback,
     )
+    used = _decoder_for(lm, decoder, two_step_cfg, conditions)
+    if used == 'stock':
+        return _stock_generate(lm, two_step_cfg=two_step_cfg, **args)
+    return _generate(lm, FastDecoder(lm), mode=used, **args)
+
+
+def _decoder_for(lm: tp.Any, decoder: str, two_step_cfg: bool | None, conditions: tp.Sequence[tp.Any]) -> str:
+    """The decoder one :func:`generate` call runs: ``stock`` for what only upstream's loop does."""
     used = 'stock' if two_step_cfg or decoder == 'stock' else effective_decoder(lm, decoder)
     if used != 'stock' and not conditions and any(layer.cross_attention is not None for layer in lm.transformer.layers):
         _log_fallback('no conditions for a cross-attention LM')  # upstream's own failure, left to upstream
         used = 'stock'
-    if used == 'stock':
-        return _stock_generate(lm, two_step_cfg=two_step_cfg, **args)
-    return _generate(lm, FastDecoder(lm), mode=used, **args)
+    return used
 
 
 def _stock_generate(lm: tp.Any, **kwargs: tp.Any) -> torch.Tensor:
@@ -621,22 +656,12 @@ def _generate(
     """The body of upstream's ``LMModel.generate`` around the fast decoder (same bookkeeping, same checks)."""
     assert not lm.training, "generation shouldn't be used in training mode."
     device = next(iter(lm.parameters())).device
-    if num_samples is None:
-        num_samples = prompt.shape[0] if prompt is not None else len(conditions) if conditions else 1
     cfg_coef = lm.cfg_coef if cfg_coef is None else cfg_coef
     cfg_conditions = _cfg_conditions(lm, conditions)
-    if prompt is None:
-        assert num_samples > 0
-        prompt = torch.zeros((num_samples, lm.num_codebooks, 0), dtype=torch.long, device=device)
-    B, K, T = prompt.shape
-    assert T < max_gen_len
-    pattern = lm.pattern_provider.get_pattern(max_gen_len)
+    prompt = _prompt_or_empty(lm, prompt, conditions, num_samples, device)
+    B, _, T = prompt.shape
+    pattern, gen_sequence, mask, start = _pattern_sequence(lm, prompt, max_gen_len)
     unknown_token, special = -1, lm.special_token_id
-    gen_codes = torch.full((B, K, max_gen_len), unknown_token, dtype=torch.long, device=device)
-    gen_codes[..., :T] = prompt
-    gen_sequence, _, mask = pattern.build_pattern_sequence(gen_codes, special)
-    start = pattern.get_first_step_with_timesteps(T)
-    assert start is not None
     length = gen_sequence.shape[-1]
     # The condition once per generation: the fuser's cross-attention source for the CFG batch (cross ops only).
     cross_src = lm.fuser(torch.zeros(2 * B, 1, lm.dim, device=device), cfg_conditions)[1] if cfg_conditions else None
@@ -668,6 +693,31 @@ def _generate(
             callback(1 + offset - start, length - start)
     del step  # the eager caches ([B, H, S, D] per layer) go now, not at the caller's next allocation
     return _revert(lm, pattern, gen_sequence, mask, T if remove_prompts else 0, max_gen_len)
+
+
+def _prompt_or_empty(
+    lm: tp.Any, prompt: torch.Tensor | None, conditions: list, num_samples: int | None, device: torch.device
+) -> torch.Tensor:
+    """The prompt tokens [B, K, T], or an empty prompt of upstream's batch size when there is none."""
+    if num_samples is None:
+        num_samples = prompt.shape[0] if prompt is not None else len(conditions) if conditions else 1
+    if prompt is None:
+        assert num_samples > 0
+        prompt = torch.zeros((num_samples, lm.num_codebooks, 0), dtype=torch.long, device=device)
+    return prompt
+
+
+def _pattern_sequence(lm: tp.Any, prompt: torch.Tensor, max_gen_len: int) -> tuple:
+    """Upstream's pattern, the pattern sequence holding the prompt, its mask, and the first step to generate."""
+    B, K, T = prompt.shape
+    assert T < max_gen_len
+    pattern = lm.pattern_provider.get_pattern(max_gen_len)
+    gen_codes = torch.full((B, K, max_gen_len), -1, dtype=torch.long, device=prompt.device)
+    gen_codes[..., :T] = prompt
+    gen_sequence, _, mask = pattern.build_pattern_sequence(gen_codes, lm.special_token_id)
+    start = pattern.get_first_step_with_timesteps(T)
+    assert start is not None
+    return pattern, gen_sequence, mask, start
 
 
 def _revert(

@@ -4,7 +4,10 @@ Models: an HF id, a local package dir (ours or an export), or a training XP (sig
 or last weights. Every model ends up as an ``audiocraft.models.AudioGen`` and is sampled through its ``generate``,
 whose LM decoding goes through
 :mod:`solvers.generation.fastgen` (the same tokens as audiocraft's, faster) unless the model
-was loaded with ``decoder='stock'``.
+was loaded with ``decoder='stock'``. It is the one generation path: scripts/generate.py and scripts/evaluate.py
+(:func:`run`), and training's epoch samples and evaluate stage and the demo report (:func:`generate_clips`, the
+solver's LM wrapped by :func:`training_audiogen`) all batch with :func:`clip_batches` and sample with
+:func:`generate_batch`.
 
 Reproducibility (see docs/generate.md):
 
@@ -176,12 +179,46 @@ def _audiogen_class() -> type:
     return ClipwiseAudioGen
 
 
-def build_audiogen(name: str, compression_model: tp.Any, lm: tp.Any, decoder: str = 'fast'):
-    """Our ``AudioGen`` (clip-wise codec decoding, ``decoder`` for the LM) around a codec and an LM with ``lm.cfg``."""
-    if decoder not in fastgen.DECODERS:
-        raise GenerationError(f'--decoder {decoder}: choose one of {", ".join(fastgen.DECODERS)}.')
-    model = _audiogen_class()(name, compression_model, lm)
+def build_audiogen(
+    name: str, compression_model: tp.Any, lm: tp.Any, decoder: str = 'fast', max_duration: float | None = None
+):
+    """Our ``AudioGen`` (clip-wise codec decoding, ``decoder`` for the LM) around a codec and an LM.
+
+    Args:
+        name: the model's name (recorded by audiocraft).
+        compression_model: the codec.
+        lm: the LM; it needs ``lm.cfg`` unless ``max_duration`` is given.
+        decoder: one of :data:`solvers.generation.fastgen.DECODERS`.
+        max_duration: the generation window in seconds (default: the LM's ``dataset.segment_duration``).
+    """
+    fastgen.check_decoder(decoder, next(iter(lm.parameters())).device)
+    model = _audiogen_class()(name, compression_model, lm, max_duration=max_duration)
     model.decoder = decoder
+    return model
+
+
+def training_audiogen(
+    name: str, compression_model: tp.Any, lm: tp.Any, decoder: str, segment_duration: float, duration: float, autocast
+):
+    """The ``AudioGen`` that training's samples and evaluate stage generate with: the solver's LM and codec (no
+    copy) under the solver's autocast, with the window :func:`load_model` gives the XP's export.
+
+    The window is the training segment, as scripts/generate.py's (``dataset.segment_duration`` of the XP), so a clip
+    is the one the CLI makes of the same weights and seed. audiocraft needs a window longer than its 2 s
+    sliding-window stride; below that (which the CLI refuses) the window fits the clip in one pass instead.
+
+    Args:
+        name: the model's name.
+        compression_model: the solver's codec.
+        lm: the solver's LM (left in eval mode: the caller restores its mode).
+        decoder: ``generate.decoder``.
+        segment_duration: ``dataset.segment_duration``.
+        duration: seconds per clip.
+        autocast: the solver's autocast context.
+    """
+    window = float(segment_duration) if segment_duration > 2 else max(float(duration), 10.0)
+    model = build_audiogen(name, compression_model, lm, decoder, max_duration=window)
+    model.autocast = autocast
     return model
 
 
@@ -217,12 +254,7 @@ def load_model(source: ModelSource, device: str = 'cpu', decoder: str = 'fast', 
             f"{source.given}: its generation window dataset.segment_duration={window:g} s is too short; audiocraft's "
             'AudioGen needs more than 2 s (its default extend_stride). Re-export the model with a longer window.'
         )
-    if decoder not in fastgen.DECODERS:
-        raise GenerationError(f'--decoder {decoder}: choose one of {", ".join(fastgen.DECODERS)}.')
-    if decoder == 'graph' and not str(device).startswith('cuda'):
-        raise GenerationError(
-            '--decoder graph captures CUDA graphs and needs --device cuda; on the CPU use --decoder fast (the default).'
-        )
+    fastgen.check_decoder(decoder, device, naming='cli')
     dtype = pick_dtype(dtype, device)
     compression_model = package.load_compression_model(pkg, device)
     lm = build_lm_model(cfg, state, device=device, dtype=dtype)
@@ -340,6 +372,20 @@ class GenerationParams:
             raise GenerationError(f'--cfg_coef must be a finite number, got {self.cfg_coef}.')
         if self.extend_stride is not None and not (math.isfinite(self.extend_stride) and self.extend_stride > 0):
             raise GenerationError(f'--extend-stride must be a positive number of seconds, got {self.extend_stride}.')
+
+    @classmethod
+    def from_config(cls, cfg: tp.Any, duration: float) -> GenerationParams:
+        """Training's sampling settings (``generate.lm``, ``classifier_free_guidance.inference_coef``) for clips of
+        ``duration`` seconds: what epoch samples and the evaluate stage use, as ``--top_k``, ``--temperature``...
+        would give scripts/generate.py."""
+        lm = cfg.generate.lm
+        return cls(
+            duration=float(duration),
+            top_k=int(lm.top_k),
+            top_p=float(lm.top_p),
+            temperature=float(lm.temp) if lm.use_sampling else 0.0,
+            cfg_coef=float(cfg.classifier_free_guidance.inference_coef),
+        )
 
     def stride_for(self, max_duration: float) -> float:
         """The sliding-window stride for a model whose window is ``max_duration`` seconds."""
@@ -533,6 +579,41 @@ def plan_batches(
     return [group[i : i + max_batch] for group in groups.values() for i in range(0, len(group), max_batch)]
 
 
+def clip_batches(model, items: tp.Sequence[Item], max_batch: int) -> list[list[Item]]:
+    """:func:`plan_batches` by conditioning shape: the batches every generation of this project uses."""
+    return plan_batches(items, max_batch, key=lambda prompt: conditioning_shape(model, prompt))
+
+
+def generate_clips(
+    model, prompts: tp.Sequence[str], seeds: tp.Sequence[int], max_batch: int, progress: bool = False
+) -> dict[tuple[str, int], torch.Tensor]:
+    """Every prompt x seed, batched and sampled as scripts/generate.py does: the one generation path.
+
+    Epoch samples, the evaluate stage, scripts/evaluate.py (through :func:`run`) and the demo report all come
+    here or to :func:`run`, which share :func:`clip_batches` and :func:`generate_batch`: the same per-item seeded
+    sampler, the same decoder choice (``model.decoder``) and the same clip-wise codec decode.
+
+    Args:
+        model: an ``AudioGen`` from :func:`load_model`, :func:`build_audiogen` or :func:`training_audiogen`, its
+            generation parameters set (:meth:`GenerationParams.apply`).
+        prompts: the prompts.
+        seeds: each prompt's seeds.
+        max_batch: items per forward pass.
+        progress: log one line per batch.
+    Returns:
+        [C, T] float32 CPU clips by (prompt, seed).
+    """
+    items = [Item(p, s) for p in prompts for s in seeds]
+    batches = clip_batches(model, items, max_batch)
+    out: dict[tuple[str, int], torch.Tensor] = {}
+    for n, batch in enumerate(batches, 1):
+        if progress:
+            logger.info('Generation batch %d/%d (%d clips)', n, len(batches), len(batch))
+        audio = generate_batch(model, [i.prompt for i in batch], [i.seed for i in batch])
+        out.update({(i.prompt, i.seed): wav for i, wav in zip(batch, audio)})
+    return out
+
+
 def generate_batch(
     model, prompts: tp.Sequence[str], seeds: tp.Sequence[int], progress: tp.Callable[[int, int], None] | None = None
 ) -> torch.Tensor:
@@ -664,19 +745,42 @@ def run(model, source: ModelSource, cfg: RunConfig, device: str) -> list[Path]:
     Returns:
         The audio files written, in generation order.
     """
-    from tqdm import tqdm
-
     cfg.check()
     params = cfg.params.apply(model)
     items = [Item(prompt, seed) for prompt in cfg.prompts for seed in cfg.seeds]
-    batches = plan_batches(items, cfg.max_batch, key=lambda prompt: conditioning_shape(model, prompt))
+    batches = clip_batches(model, items, cfg.max_batch)
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
     root = cfg.out.expanduser().resolve()
     folders = {prompt: allocate_folder(root, prompt, stamp) for prompt in cfg.prompts}
     for item in items:
         item.folder = folders[item.prompt]
-    decoder = fastgen.effective_decoder(model.lm, getattr(model, 'decoder', 'stock'))
-    common = {
+    common = _common_sidecar(model, source, cfg, params, device)
+    writer = _Writer(model.sample_rate, cfg, source, params, common, device)
+    progress = _Progress(len(items), cfg.progress)
+    try:
+        for n, batch in enumerate(batches, 1):
+            begin = time.perf_counter()
+            audio = generate_batch(model, [i.prompt for i in batch], [i.seed for i in batch], progress.on_step)
+            progress.clips(writer.collect())  # the previous batch's files: complete (or its error raised) first
+            seconds = time.perf_counter() - begin
+            writer.submit(batch, audio, seconds / len(batch))
+            progress.batch(n, len(batches), len(batch), seconds)
+        progress.clips(writer.collect())
+    except BaseException:
+        writer.stop()
+        for folder in folders.values():
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds when empty
+        raise
+    finally:
+        writer.close()
+        progress.close()
+    return writer.written
+
+
+def _common_sidecar(model, source: ModelSource, cfg: RunConfig, params: dict, device: str) -> dict:
+    """The sidecar entries every clip of a run shares: the model, its settings, the decoder that ran, versions."""
+    return {
         'model': source.given,
         'model_kind': source.kind,
         'model_path': source.path,
@@ -688,44 +792,40 @@ def run(model, source: ModelSource, cfg: RunConfig, device: str) -> list[Path]:
         'target_lufs': cfg.loudness,
         'format': cfg.fmt,
         'device': device,
-        'decoder': decoder,
+        'decoder': fastgen.effective_decoder(model.lm, getattr(model, 'decoder', 'stock')),
         'dtype': str(next(iter(model.lm.parameters())).dtype).removeprefix('torch.'),
         'max_batch': cfg.max_batch,
         'versions': versions(),
     }
-    writer = _Writer(model.sample_rate, cfg, source, params, common, device)
-    # A live bar on a terminal; in a log file (SLURM, a pipe) one line per batch instead of carriage returns.
-    live = cfg.progress and sys.stderr.isatty()
-    bar = tqdm(total=len(items), unit='clip', desc='generating', disable=not live, dynamic_ncols=True)
-    last_refresh = [0.0]
 
-    def on_step(done: int, total: int) -> None:
+
+class _Progress:
+    """A live bar on a terminal; in a log file (SLURM, a pipe) one line per batch instead of carriage returns."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.enabled, self.live = enabled, enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit='clip', desc='generating', disable=not self.live, dynamic_ncols=True)
+        self.last_refresh = 0.0
+        self.on_step = self._on_step if self.live else None
+
+    def _on_step(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if now - last_refresh[0] > 0.5 or done == total:
-            last_refresh[0] = now
-            bar.set_postfix_str(f'step {done}/{total}')
+        if now - self.last_refresh > 0.5 or done == total:
+            self.last_refresh = now
+            self.bar.set_postfix_str(f'step {done}/{total}')
 
-    try:
-        for n, batch in enumerate(batches, 1):
-            begin = time.perf_counter()
-            audio = generate_batch(model, [i.prompt for i in batch], [i.seed for i in batch], on_step if live else None)
-            bar.update(writer.collect())  # the previous batch's files: complete (or its error raised) first
-            seconds = time.perf_counter() - begin
-            writer.submit(batch, audio, seconds / len(batch))
-            if cfg.progress and not live:
-                clips = f'{len(batch)} clip{"s" * (len(batch) != 1)}'
-                print(f'generating: batch {n}/{len(batches)} ({clips}) in {seconds:.1f} s', file=sys.stderr, flush=True)
-        bar.update(writer.collect())
-    except BaseException:
-        writer.stop()
-        for folder in folders.values():
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only succeeds when empty
-        raise
-    finally:
-        writer.close()
-        bar.close()
-    return writer.written
+    def clips(self, count: int) -> None:
+        self.bar.update(count)
+
+    def batch(self, n: int, batches: int, clips: int, seconds: float) -> None:
+        if self.enabled and not self.live:
+            text = f'{clips} clip{"s" * (clips != 1)}'
+            print(f'generating: batch {n}/{batches} ({text}) in {seconds:.1f} s', file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class _Writer:

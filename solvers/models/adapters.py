@@ -286,3 +286,56 @@ def count(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+@torch.no_grad()
+def probe_logits(lm: tp.Any) -> torch.Tensor:
+    """The LM's logits for a fixed short input (eval mode: no dropout), to compare models exactly."""
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    was_training = lm.training
+    lm.eval()
+    try:
+        provider = lm.condition_provider
+        tokenized = provider.tokenize([ConditioningAttributes(text={'description': 'a dog barks in the rain'})])
+        device = next(iter(lm.parameters())).device
+        codes = torch.arange(4 * 8, device=device).reshape(1, 4, 8) % lm.card
+        codes = codes[:, : lm.num_codebooks]
+        return lm.compute_predictions(codes, [], provider(tokenized)).logits.float().cpu()
+    finally:
+        lm.train(was_training)
+
+
+def attach_lora(lm: torch.nn.Module, settings: DictConfig, device: str) -> tuple[tp.Any, TrainableState, list[list]]:
+    """Add LoRA adapters to an LM holding its base weights, prove the output didn't change, hold the base in
+    ``adapter.base_dtype``.
+
+    Args:
+        lm: the LM, its package weights loaded.
+        settings: the ``adapter`` block.
+        device: where the LM is.
+    Returns:
+        The peft tuner, the adapters' state module (what the checkpoint, EMA and best state hold), and the adapter
+        layout (for merging at export).
+    Raises:
+        AdapterError: the adapters changed the output before any training (a bug).
+    """
+    before = probe_logits(lm)
+    lora = inject_lora(lm, settings)
+    after = probe_logits(lm)
+    # NaN marks the positions the delay pattern leaves undefined: equal there too.
+    if not torch.allclose(before, after, rtol=0, atol=0, equal_nan=True):
+        raise AdapterError(
+            f"LoRA changed the model's output before any training (max difference "
+            f'{(before - after).nan_to_num().abs().max().item():.3g}); this is a bug, please report it with '
+            'the config.'
+        )
+    hold_base_in(lm, settings.base_dtype, device)
+    adapter_layout = layout(lm)
+    logger.info(
+        "LoRA rank %d on %s: %d adapted weights; the output equals the base model's before the first step.",
+        settings.rank,
+        ', '.join(settings.targets),
+        len(adapter_layout),
+    )
+    return lora, TrainableState(lm), adapter_layout

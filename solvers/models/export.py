@@ -166,16 +166,7 @@ def load_xp(spec: str | os.PathLike, weights: str = 'best') -> XPPackage:
         raise package.PackageError(
             f"XP {folder.name} was fine-tuned from the package '{pretrained}', which holds its codec: {err}"
         ) from err
-    adapter = None
-    if OmegaConf.select(xp_cfg, 'adapter.kind', default='none') == 'lora':
-        layout = state.get('adapter_layout')
-        if not layout:
-            raise ExportError(
-                f"{path} is a LoRA run but holds no 'adapter_layout': it was written by an older "
-                "version; re-run the XP's command once to rewrite its checkpoint."
-            )
-        adapter = {'adapter_state': lm_state, 'adapter_layout': layout}
-        lm_state = adapters.merge_state(package.lm_state(pkg), lm_state, layout)
+    adapter, lm_state = _lora_parts(state, xp_cfg, lm_state, pkg, path)
     return XPPackage(
         folder=folder,
         sig=str(state.get('xp.sig') or folder.name),
@@ -186,6 +177,20 @@ def load_xp(spec: str | os.PathLike, weights: str = 'best') -> XPPackage:
         lm_state=lm_state,
         adapter=adapter,
     )
+
+
+def _lora_parts(state: dict, xp_cfg: DictConfig, lm_state: dict, pkg: str, path: Path) -> tuple[dict | None, dict]:
+    """For a LoRA XP, its adapters and layout, and the LM weights merged over the base package; else (None, as is)."""
+    if OmegaConf.select(xp_cfg, 'adapter.kind', default='none') != 'lora':
+        return None, lm_state
+    layout = state.get('adapter_layout')
+    if not layout:
+        raise ExportError(
+            f"{path} is a LoRA run but holds no 'adapter_layout': it was written by an older "
+            "version; re-run the XP's command once to rewrite its checkpoint."
+        )
+    adapter = {'adapter_state': lm_state, 'adapter_layout': layout}
+    return adapter, adapters.merge_state(package.lm_state(pkg), lm_state, layout)
 
 
 def codec_files(pkg: str) -> tuple[str, dict]:
@@ -276,13 +281,6 @@ def export_xp(
     protected = [xp.folder] + ([Path(xp.package)] if Path(xp.package).is_dir() else [])
     _check_destination(out, force, protected)
     adapter_only = xp.adapter is not None and not merge
-
-    def maybe_half(state: dict) -> dict:
-        return {
-            k: v.half() if half and isinstance(v, torch.Tensor) and v.is_floating_point() else v
-            for k, v in state.items()
-        }
-
     provenance = {
         'xp': str(xp.folder),
         'sig': xp.sig,
@@ -296,20 +294,32 @@ def export_xp(
     }
     with atomic.open_dir(out) as tmp:
         if adapter_only:
-            assert xp.adapter is not None
-            save_torch(
-                {
-                    'xp.cfg': OmegaConf.to_yaml(xp.lm_cfg),
-                    'base': xp.package,
-                    'adapter_state': maybe_half(xp.adapter['adapter_state']),
-                    'adapter_layout': xp.adapter['adapter_layout'],
-                    'version': versions()['audiocraft'],
-                    'exported': True,
-                },
-                tmp / package.ADAPTER_FILE,
-            )
+            _write_adapter(tmp, xp, half)
         else:
             codec_cfg, codec_state = codec_files(xp.package)
-            package.write(tmp, xp.lm_cfg, maybe_half(xp.lm_state), codec_cfg, codec_state)
+            package.write(tmp, xp.lm_cfg, _maybe_half(xp.lm_state, half), codec_cfg, codec_state)
         atomic.write_json(tmp / 'export.json', provenance)
     return out
+
+
+def _maybe_half(state: dict, half: bool) -> dict:
+    """``state`` with its floating-point tensors in float16 when ``half``."""
+    return {
+        k: v.half() if half and isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in state.items()
+    }
+
+
+def _write_adapter(folder: Path, xp: XPPackage, half: bool) -> None:
+    """An adapter-only export's ``adapter.bin``: the adapters, their layout and the name of their base package."""
+    assert xp.adapter is not None
+    save_torch(
+        {
+            'xp.cfg': OmegaConf.to_yaml(xp.lm_cfg),
+            'base': xp.package,
+            'adapter_state': _maybe_half(xp.adapter['adapter_state'], half),
+            'adapter_layout': xp.adapter['adapter_layout'],
+            'version': versions()['audiocraft'],
+            'exported': True,
+        },
+        folder / package.ADAPTER_FILE,
+    )

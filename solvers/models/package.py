@@ -11,14 +11,18 @@ Everything here loads with ``torch.load(weights_only=True)``: packages hold only
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import typing as tp
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from solvers.errors import AudiogenError
+
+logger = logging.getLogger(__name__)
 
 LM_FILE = 'state_dict.bin'
 COMPRESSION_FILE = 'compression_state_dict.bin'
@@ -330,3 +334,25 @@ def write(
     )
     save_torch({'xp.cfg': as_yaml(lm_cfg), 'best_state': plain(lm_state_dict), **meta}, out / LM_FILE)
     return out
+
+
+def check_codec(cfg: DictConfig, codec: tp.Any) -> None:
+    """The config's sample rate, card and codebooks must be those of the package's codec.
+
+    Raises:
+        PackageError: naming the key, the config's value and the codec's.
+    """
+    for key, ours, theirs in (
+        ('sample_rate', cfg.sample_rate, codec.sample_rate),
+        ('transformer_lm.card', cfg.transformer_lm.card, codec.cardinality),
+        ('transformer_lm.n_q', cfg.transformer_lm.n_q, codec.num_codebooks),
+    ):
+        if ours != theirs:
+            raise PackageError(f"{key}={ours} in the config but the codec of '{cfg.pretrained}' has {theirs}.")
+    logger.info(
+        'Codec: %d codebooks x %d bins at %d Hz frames, %d Hz audio.',
+        codec.num_codebooks,
+        codec.cardinality,
+        codec.frame_rate,
+        codec.sample_rate,
+    )

@@ -189,3 +189,15 @@ def describe_kept(folder: Path) -> str:
                 continue
             return f'{path} is intact and holds {len(history)} completed epoch(s).'
     return 'No earlier checkpoint exists: the re-run starts this XP from the pretrained weights.'
+
+
+def module_generators(model: torch.nn.Module | None) -> dict[str, torch.Generator]:
+    """Generators owned by modules (audiocraft's dropout modules seed their own), by module name: the private
+    generators an :class:`RNGState` saves beside the global ones (none before the model exists)."""
+    if model is None:
+        return {}
+    return {
+        name: module.rng
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, 'rng', None), torch.Generator)
+    }

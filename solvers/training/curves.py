@@ -163,3 +163,27 @@ def run_name(cfg: tp.Any, sig: str) -> str:
         base = Path(str(train)).parent.name if train else 'xp'
     safe = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in base) or 'xp'
     return f'{safe}_{sig}'
+
+
+# The per-update training scalars (the per-codebook ce_qN/ppl_qN stay in the epoch summaries).
+UPDATE_KEYS = ('ce', 'ppl', 'lr', 'grad_norm', 'tokens_per_s', 'mem_gb', 'skipped', 'grad_scale')
+
+
+def install(result_logger: tp.Any, folder: Path, updates_per_epoch: tp.Callable[[], int], media: bool) -> CurvesLogger:
+    """Put a :class:`CurvesLogger` writing to ``folder`` in flashy's result logger, in place of its TensorBoard one.
+
+    Args:
+        result_logger: the solver's ``flashy.ResultLogger``.
+        folder: the XP's ``tensorboard`` folder (created).
+        updates_per_epoch: returns the updates per epoch (known once the loaders exist).
+        media: also log the audio samples.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    curves = CurvesLogger(folder, updates_per_epoch, media)
+    result_logger._experiment_loggers['tensorboard'] = curves  # flashy keeps its loggers in a private dict
+    return curves
+
+
+def installed(result_logger: tp.Any) -> CurvesLogger | None:
+    """The :class:`CurvesLogger` of a result logger, or None when TensorBoard is disabled."""
+    return tp.cast('CurvesLogger | None', result_logger._experiment_loggers.get('tensorboard'))

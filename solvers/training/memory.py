@@ -332,3 +332,65 @@ def measure_activation_bytes(step: tp.Callable[[], torch.Tensor], exclude: tp.It
     total = _unique_bytes(saved)
     loss.backward()
     return total
+
+
+def peak_memory_gb(device: str) -> float:
+    """Peak CUDA memory allocated on this process' GPU, or the process' peak RSS on CPU, in GB."""
+    import resource
+
+    if str(device).startswith('cuda') and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / GB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
+
+
+def out_of_memory_error(
+    err: BaseException,
+    cfg: DictConfig,
+    argv: tp.Sequence[str],
+    where: str,
+    kept: tp.Any,
+    compose: tp.Callable | None = None,
+) -> Exception:
+    """A training step ran out of GPU memory: what the planner expected and what would fit, as one AudiogenError.
+
+    The caller frees the step's gradients first; nothing of the failed update is saved: the last checkpoint on
+    disk is the one a re-run resumes from.
+
+    Args:
+        err: the out-of-memory error.
+        cfg: the run's config.
+        argv: the run's overrides (``xp.argv``), from which the fitting command is built.
+        where: ``update U of epoch E``.
+        kept: the last checkpoint's path.
+        compose: composes a config from overrides (default: ``solvers.project.compose``).
+    """
+    from solvers import project
+    from solvers.errors import AudiogenError
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    on_gpu = torch.cuda.is_available() and str(cfg.device).startswith('cuda')
+    gpu_gb = torch.cuda.get_device_properties(cfg.device).total_memory / GB if on_gpu else 24.0
+    lines = [f'Out of GPU memory in {where} ({str(err).splitlines()[0][:160]}).']
+    try:
+        lines.append(format_plan(plan(cfg, gpu_gb, list(argv)), 'The planner expected'))
+        fitted = make_it_fit(list(argv), gpu_gb, compose or project.compose)
+    except Exception as plan_err:  # the advice must never hide the error itself
+        import logging
+
+        logging.getLogger(__name__).debug('No memory plan: %s', plan_err)
+        fitted = None
+    if fitted is not None:
+        import shlex
+
+        lines.append('Re-run with: dora run ' + shlex.join(fitted.overrides))
+    else:
+        lines.append(
+            'Re-run with adapter=lora transformer_lm.checkpointing=torch, or a smaller dataset.batch_size '
+            'with a larger optim.grad_accum_steps (python -m scripts.plan_memory shows what fits).'
+        )
+    lines.append(
+        f'Nothing was lost: {kept if kept.exists() else "the XP folder"} holds the last checkpoint; '
+        'a re-run with the same overrides resumes from it. Changing batch or adapter starts a new XP.'
+    )
+    return AudiogenError('\n'.join(lines))
