@@ -7,6 +7,7 @@ a function body.
 from __future__ import annotations
 
 import ast
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,54 @@ def test_bottom_modules_import_no_room() -> None:
     for name in BOTTOM:
         for line, target in imported_modules(SOLVERS / f'{name}.py'):
             assert target[0] in BOTTOM, f'solvers/{name}.py:{line} imports solvers.{".".join(target)}'
+
+
+def uses_of(path: Path) -> set[str]:
+    """What a module uses outside its own room: other rooms by name, bottom modules by name."""
+    own = room_of(path.relative_to(SOLVERS).with_suffix('').parts)
+    used = set()
+    for _, target in imported_modules(path):
+        if target[0] not in {*ROOMS, *BOTTOM, *ENTRY}:
+            continue
+        other = room_of(target)
+        if other == 'bottom':
+            used.add(target[0])
+        elif other != own:
+            used.add(other)
+    used.discard(path.stem if own == 'bottom' else '')
+    return used
+
+
+def documented_modules() -> dict[str, set[str]]:
+    """docs/architecture.md's module table: `solvers/...py` -> the names in its "uses" column."""
+    table = {}
+    doc = (SOLVERS.parent / 'docs' / 'architecture.md').read_text()
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if len(cells) >= 3 and cells[0].startswith('`solvers/') and cells[0].endswith('.py`'):
+            names = {n.strip(' `') for n in cells[1].split(',')} - {'', '—'}
+            table[cells[0].strip('`')] = names
+    return table
+
+
+def test_the_module_table_in_docs_matches_the_imports() -> None:
+    """docs/architecture.md lists every module of solvers/ with the rooms and bottom modules it imports."""
+    table = documented_modules()
+    actual = {f'solvers/{p.relative_to(SOLVERS)}': uses_of(p) for p in module_files()}
+    missing = sorted(set(actual) - set(table))
+    gone = sorted(set(table) - set(actual))
+    assert not missing and not gone, f'docs/architecture.md: add {missing}, remove {gone}'
+    wrong = [f'{m}: documented {sorted(table[m])}, imports {sorted(u)}' for m, u in actual.items() if table[m] != u]
+    assert not wrong, 'docs/architecture.md module table is out of date:\n' + '\n'.join(wrong)
+
+
+def test_functions_read_in_one_screen() -> None:
+    """No function or method in solvers/ runs over 60 lines (docstring included): a longer one is several steps."""
+    long = []
+    for path in module_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = tp.cast(int, node.end_lineno) - node.lineno + 1
+                if lines > 60:
+                    long.append(f'solvers/{path.relative_to(SOLVERS)}:{node.lineno} {node.name} ({lines} lines)')
+    assert not long, 'split these into named steps:\n' + '\n'.join(long)
