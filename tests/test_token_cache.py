@@ -5,13 +5,16 @@ resumes after an interruption, disjoint items per DDP rank, and a `dora run` tha
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import time
 import typing as tp
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_dora
+from helpers import run_dora, start_dora
 
 from solvers.training import loaders, token_cache
 
@@ -217,18 +220,33 @@ def test_ddp_ranks_read_disjoint_items(home, codec, tiny_dataset):
 
 @pytest.mark.slow
 def test_dora_run_trains_on_the_cache_and_resumes(tmp_path, monkeypatch, demo_overrides):
-    """token_cache=true: the run builds the cache under the data root, trains, and a longer re-run resumes it."""
+    """token_cache=true: the run builds the cache under the data root and trains; a Ctrl-C at its first step
+    checkpoint stops it, and the same command resumes it to the end, reading the cache without encoding."""
     outputs = tmp_path / 'outputs'
-    args = demo_overrides + ['token_cache=true', 'generate.every=100', 'generate.prompts=[a dog barking]']
     monkeypatch.setenv('AUDIOGEN_HOME', str(tmp_path / 'home'))  # the cache goes under this data root
-    proc = run_dora(args + ['optim.epochs=1'], outputs)
-    log = proc.stderr + proc.stdout
-    assert 'Token cache' in log and 'clips encoded now' in log
-    caches = list((tmp_path / 'home' / 'data' / 'tiny' / 'tokens').glob('*/index.json'))
-    assert len(caches) == 1
-    proc = run_dora(args + ['optim.epochs=2'], outputs)
-    log = proc.stderr + proc.stdout
-    assert '0 clips encoded now' in log
-    assert 'Loading existing checkpoint' in log or 'Resuming' in log
+    args = demo_overrides + [
+        'token_cache=true',
+        'optim.updates_per_epoch=6',
+        'checkpoint.save_every_updates=2',
+        'generate.every=100',
+        'generate.prompts=[a dog barking]',
+        'generate.duration=0.5',
+    ]
+    proc = start_dora(args, outputs)
+    try:
+        while proc.poll() is None and not list(outputs.glob('xps/*/checkpoint*.th')):
+            time.sleep(0.02)
+        assert proc.poll() is None, 'the run ended before its first checkpoint'
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert 'clips encoded now' in stderr
+    assert len(list((tmp_path / 'home' / 'data' / 'tiny' / 'tokens').glob('*/index.json'))) == 1
+    proc2 = run_dora(args, outputs)
+    log = proc2.stderr + proc2.stdout
+    assert ' 0 clips encoded now' in log
+    assert 'Resuming epoch' in log or 'Loading existing checkpoint' in log
     history = json.loads(next(outputs.glob('xps/*/history.json')).read_text())
-    assert len(history) == 2 and all(row['train']['ce'] > 0 for row in history)
+    assert len(history) == 2 and all(row['train']['ce'] > 0 and row['valid']['ce'] > 0 for row in history)

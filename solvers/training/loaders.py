@@ -16,6 +16,7 @@ import omegaconf
 import torch
 from audiocraft.data.audio_dataset import SegmentInfo
 from audiocraft.data.sound_dataset import SoundDataset, SoundInfo
+from audiocraft.modules.conditioners import WavCondition
 
 from solvers import data as dataprep
 from solvers.training import token_cache
@@ -146,7 +147,8 @@ class TokenSegments(SoundDataset):
         return tokens, self._sound_info(info)
 
     def _sound_info(self, info: SegmentInfo) -> SoundInfo:
-        """The caption and segment info, as SoundDataset.__getitem__ builds them (no ``self_wav``: no audio here)."""
+        """The caption and segment info, as SoundDataset.__getitem__ builds them; ``self_wav`` holds one silent
+        sample, not the audio (AudioGen conditions on text only, but audiocraft's condition dropout visits it)."""
         info_data = info.to_dict()
         info_path = self._get_info_path(info.meta.path)
         with open(info_path, encoding='utf-8') as json_file:
@@ -155,6 +157,13 @@ class TokenSegments(SoundDataset):
         sound_info = SoundInfo.from_dict(sound_data, fields_required=self.info_fields_required)
         if isinstance(sound_info.description, list):
             sound_info.description = random.choice(sound_info.description)
+        sound_info.self_wav = WavCondition(
+            wav=torch.zeros(1, info.channels, 1),
+            length=torch.tensor([info.n_frames]),
+            sample_rate=[info.sample_rate],
+            path=[info.meta.path],
+            seek_time=[info.seek_time],
+        )
         return sound_info
 
     def collater(self, samples: list) -> tuple[torch.Tensor, list[SoundInfo]]:
