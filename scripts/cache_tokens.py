@@ -29,11 +29,14 @@ def main(argv: list[str] | None = None) -> int:
         report = token_cache.build_from_overrides(args.overrides, progress=not args.no_progress)
         print(
             f'Token cache {report.folder}: {report.encoded} clips encoded now, {report.kept} already cached, '
-            f'{report.removed} stale entries dropped.\nTrain on it: dora run {" ".join(args.overrides)} token_cache=true'
+            f'{report.removed} stale entries dropped.\n'
+            f'Train on it: dora run {" ".join(args.overrides)} token_cache=true'
         )
         return 0
 
-    return run_cli('cache_tokens', body, interrupted='interrupted; the shards written so far are kept: re-run to go on.')
+    return run_cli(
+        'cache_tokens', body, interrupted='interrupted; the shards written so far are kept: re-run to go on.'
+    )
 
 
 if __name__ == '__main__':

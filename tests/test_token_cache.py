@@ -98,7 +98,8 @@ def test_cached_tokens_equal_encoded_audio_for_clips_within_the_segment(home, co
 
 
 def test_longer_clips_differ_only_near_the_segment_edges(home, codec, tiny_dataset):
-    """A 1 s segment of a longer clip at a random offset: cached tokens (clip encoded whole) against the segment encoded alone."""
+    """A 1 s segment of a longer clip at a random offset: the cache's tokens (the clip encoded whole) against the
+    segment encoded alone agree on most frames, not all (the codec's context reaches past the segment's edges)."""
     segment = 1.0
     report = build_cache(codec, [tiny_dataset['train']], segment)
     cache = token_cache.TokenCache(report.folder)
@@ -204,7 +205,9 @@ def test_ddp_ranks_read_disjoint_items(home, codec, tiny_dataset):
         audio_loaders = {
             'train': torch.utils.data.DataLoader(train, batch_size=2, sampler=sampler, collate_fn=train.collater),
             'valid': torch.utils.data.DataLoader(
-                torch.utils.data.Subset(valid, list(range(rank, len(valid), 2))), batch_size=2, collate_fn=valid.collater
+                torch.utils.data.Subset(valid, list(range(rank, len(valid), 2))),
+                batch_size=2,
+                collate_fn=valid.collater,
             ),
         }
         loaders.use_token_cache(audio_loaders, cache)

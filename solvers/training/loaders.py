@@ -120,7 +120,8 @@ class TokenSegments(SoundDataset):
         """The token twin of ``audio`` (its clips, sampling settings and epoch), reading ``cache``."""
         if audio.segment_duration is None or not audio.pad:
             raise token_cache.TokenCacheError(
-                'The token cache reads fixed-length padded segments: set dataset.segment_duration, or token_cache=false.'
+                'The token cache reads fixed-length padded segments: set dataset.segment_duration, or '
+                'token_cache=false.'
             )
         dataset = cls.__new__(cls)
         dataset.__dict__.update(audio.__dict__)
@@ -128,6 +129,7 @@ class TokenSegments(SoundDataset):
         return dataset
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, SoundInfo]:
+        assert self.segment_duration is not None  # from_audio_dataset refuses whole-clip datasets
         rng = torch.Generator()
         if self.shuffle:
             epoch = random.randint(0, 2**24) if self.current_epoch is None else self.current_epoch + self.shuffle_seed
@@ -143,7 +145,9 @@ class TokenSegments(SoundDataset):
         tokens = self.cache.window(meta.path, first, token_cache.segment_frames(target, rate, frame_rate))
         hop_start = round(first * rate / frame_rate)
         n_frames = max(0, min(self.cache.samples(meta.path) - hop_start, target))
-        info = SegmentInfo(meta, first / frame_rate, n_frames=n_frames, total_frames=target, sample_rate=rate, channels=1)
+        info = SegmentInfo(
+            meta, first / frame_rate, n_frames=n_frames, total_frames=target, sample_rate=rate, channels=1
+        )
         return tokens, self._sound_info(info)
 
     def _sound_info(self, info: SegmentInfo) -> SoundInfo:
@@ -175,7 +179,8 @@ TOKEN_SPLITS = ('train', 'valid')  # the splits whose batches go through the sol
 
 
 def use_token_cache(loaders: dict, cache: token_cache.TokenCache) -> None:
-    """Replace the train and valid loaders by one over :class:`TokenSegments` with the same sampler, subset, batch and workers.
+    """Replace the train and valid loaders by loaders over :class:`TokenSegments` with the same sampler, subset,
+    batch size and workers.
 
     Keeping the sampler keeps the order of items (a ``DistributedSampler`` keeps each rank's share, and audiocraft's
     per-rank ``Subset`` of evaluation splits keeps its indices), so ranks read disjoint items as before.
@@ -185,10 +190,10 @@ def use_token_cache(loaders: dict, cache: token_cache.TokenCache) -> None:
             continue
         loader = loaders[split]
         audio = loader.dataset.dataset if isinstance(loader.dataset, torch.utils.data.Subset) else loader.dataset
-        tokens = TokenSegments.from_audio_dataset(audio, cache)
+        tokens = TokenSegments.from_audio_dataset(tp.cast(SoundDataset, audio), cache)
         dataset: tp.Any = tokens
         if isinstance(loader.dataset, torch.utils.data.Subset):
-            dataset = torch.utils.data.Subset(tokens, loader.dataset.indices)
+            dataset = torch.utils.data.Subset(tp.cast(tp.Any, tokens), loader.dataset.indices)
         loaders[split] = torch.utils.data.DataLoader(
             dataset,
             batch_size=loader.batch_size,

@@ -82,7 +82,9 @@ def check_token_cache(cfg: omegaconf.DictConfig) -> None:
     """``token_cache`` is true or false, and not combined with audio-space augmentation (``dataset.train.aug_p``)."""
     value = cfg.token_cache
     if not isinstance(value, bool):
-        raise SettingsError(f'token_cache={value}: use token_cache=true (read the token cache) or false (encode audio).')
+        raise SettingsError(
+            f'token_cache={value}: use token_cache=true (read the token cache) or false (encode audio).'
+        )
     if value and float(cfg.dataset.train.get('aug_p') or 0) > 0:
         raise SettingsError(
             f'token_cache=true with dataset.train.aug_p={cfg.dataset.train.aug_p}: audio mixing has no token-space '

@@ -352,7 +352,8 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         """audiocraft's, for audio batches; for the token cache's batches (integer codes) the codec is skipped."""
         if batch[0].dtype.is_floating_point:
             return super()._prepare_tokens_and_attributes(batch, check_synchronization_points)
-        codec, self.compression_model = self.compression_model, token_cache.CachedCodes(self.compression_model)
+        codec = self.compression_model
+        self.compression_model = tp.cast(tp.Any, token_cache.CachedCodes(codec))
         try:
             return super()._prepare_tokens_and_attributes(batch, check_synchronization_points)
         finally:

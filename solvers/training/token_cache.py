@@ -107,7 +107,9 @@ def manifest_clips(cfg: tp.Any, segment_samples: int) -> list[Clip]:
         for entry in manifests.read_manifest(path):
             clip_path = str(entry['path'])
             if clip_path not in seen:
-                seen[clip_path] = clip_for(clip_path, float(entry['duration']), int(entry['sample_rate']), segment_samples)
+                seen[clip_path] = clip_for(
+                    clip_path, float(entry['duration']), int(entry['sample_rate']), segment_samples
+                )
     return list(seen.values())
 
 
@@ -133,7 +135,9 @@ def read_index(folder: Path) -> dict:
     try:
         index = json.loads(path.read_text(encoding='utf-8'))
     except (OSError, ValueError) as err:
-        raise TokenCacheError(f'Cannot read the token cache index {path} ({err}): delete {folder} and rebuild it.')
+        raise TokenCacheError(
+            f'Cannot read the token cache index {path} ({err}): delete {folder} and rebuild it.'
+        ) from err
     if index.get('version') != INDEX_VERSION:
         raise TokenCacheError(f'{path} is from another version of the token cache: delete {folder} and rebuild it.')
     return index
