@@ -253,3 +253,25 @@ def test_dora_run_trains_on_the_cache_and_resumes(tmp_path, monkeypatch, demo_ov
     assert 'Resuming epoch' in log or 'Loading existing checkpoint' in log
     history = json.loads(next(outputs.glob('xps/*/history.json')).read_text())
     assert len(history) == 2 and all(row['train']['ce'] > 0 and row['valid']['ce'] > 0 for row in history)
+
+
+def test_cache_tokens_cli_builds_then_finds_everything_cached(tmp_path, tiny_package, tiny_dataset):
+    """`python -m scripts.cache_tokens <dora run overrides>`: the cache under the data root, then nothing to encode."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT, subprocess_env
+
+    env = dict(subprocess_env(), AUDIOGEN_HOME=str(tmp_path / 'home'))
+    overrides = ['solver=audiogen/tiny', f'pretrained={tiny_package}', f'datasource.train={tiny_dataset["train"]}']
+    overrides += [f'datasource.valid={tiny_dataset["valid"]}', 'dataset.segment_duration=1.0']
+    command = [sys.executable, '-m', 'scripts.cache_tokens', *overrides, '--no-progress']
+    clips = sum(len(loaders.dataprep.read_manifest(tiny_dataset[s])) for s in ('train', 'valid'))
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f'{clips} clips encoded now, 0 already cached' in first.stdout and 'token_cache=true' in first.stdout
+    assert list((tmp_path / 'home' / 'data' / 'tiny' / 'tokens').glob('*/shard-00000.npy'))
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert f'0 clips encoded now, {clips} already cached' in again.stdout
+    missing = subprocess.run(command[:3], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and missing.stderr.count('\n') == 1 and 'dataset=NAME' in missing.stderr
