@@ -9,7 +9,8 @@ Layout, beside the dataset under the data root (:func:`solvers.project.data_root
 A clip's key is its path, size, modification time and the padded length it was encoded at, so a re-prepared or added
 clip is encoded again and nothing else is; another codec (another checksum of its weights) gets another folder. A
 build writes a shard every ``shard_frames`` frames and the index after each shard, so a Ctrl-C or an error keeps
-every completed shard and the next build goes on from there.
+every completed shard and the next build goes on from there. A shard is deleted once none of its clips is listed any
+more; until then it keeps the frames of its removed clips (a clean rebuild: delete the folder).
 
 What is stored: a clip no longer than the segment is zero-padded to the segment and encoded, exactly the audio that
 audiocraft's AudioDataset hands the codec for that clip at offset 0 (so its tokens are identical); a longer clip is
@@ -237,13 +238,15 @@ def build(
         removed = _prune(folder, index, {clip.key for clip in clips})
         missing = [clip for clip in clips if clip.key not in index['clips']]
         pending: list[tuple[Clip, np.ndarray, int]] = []
+        frames = 0
         with tqdm(total=len(missing), unit='clip', desc='encoding', disable=not progress, dynamic_ncols=True) as bar:
             for clip in missing:
                 codes, samples = encode_clip(codec, clip.path, clip.target_samples)
                 pending.append((clip, codes, samples))
-                if sum(codes.shape[1] for _, codes, _ in pending) >= shard_frames:
+                frames += int(codes.shape[1])
+                if frames >= shard_frames:
                     _write_shard(folder, index, pending)
-                    pending = []
+                    pending, frames = [], 0
                 bar.update()
         if pending:
             _write_shard(folder, index, pending)
