@@ -7,8 +7,10 @@ What each hook changes, and where the work is done:
   checked against the config; LoRA (:func:`solvers.models.adapters.attach_lora`) or frozen parts; the optimizer,
   schedule and grad scaler (:mod:`solvers.training.optim`).
 - ``build_dataloaders`` + ``run_step``: gradient accumulation (N micro-batches per optimizer step, loss scaled by 1/N,
-  :mod:`solvers.training.loaders`), clipping and a non-finite guard that runs before the optimizer step
-  (:func:`solvers.training.optim.apply_update`), per-update TensorBoard scalars.
+  :mod:`solvers.training.loaders`; with ``token_cache=true`` the loaders read codec tokens from
+  :mod:`solvers.training.token_cache` and ``_prepare_tokens_and_attributes`` skips the codec), clipping and a
+  non-finite guard that runs before the optimizer step (:func:`solvers.training.optim.apply_update`), per-update
+  TensorBoard scalars.
 - ``run`` + ``train``: preemption and Ctrl-C become a checkpoint at the next update
   (:class:`solvers.training.signals.StopSignals`); an epoch resumes mid-way from a step checkpoint.
 - ``evaluate`` and ``generate``: the evaluate stage (:mod:`solvers.evaluation.evaluate`) and the epoch samples
