@@ -58,6 +58,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from benchmarks import bench_generate  # noqa: E402
 from solvers import project  # noqa: E402
+from solvers.demo import tiny_codec  # noqa: E402
 from solvers.training import memory  # noqa: E402
 
 GB = memory.GB
@@ -490,6 +491,255 @@ def run_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- step-budget
+# A codec of the shape of audiocraft's published EnCodec models (SEANet with 64 filters, 128 dimensions, 2 LSTM
+# layers) at 16 kHz with hops of 320 samples and 4 x 2048 codes: a stand-in for medium's codec, which isn't available
+# offline. The demo's tiny codec has 8 filters and no LSTM.
+MEDIUM_CODEC = copy.deepcopy(tiny_codec.CODEC_CONFIG)
+MEDIUM_CODEC['seanet'].update(dimension=128, n_filters=64, lstm=2)
+MEDIUM_CODEC['rvq'].update(bins=2048, dimension=128)
+SHAPES: dict[str, tuple[tuple[str, ...], dict | None]] = {
+    'demo': ((), None),  # model=tiny: a 2 x 64 LM, the demo's tiny codec
+    'medium-narrow': (
+        (
+            'transformer_lm.dim=512',
+            'transformer_lm.num_heads=8',
+            'transformer_lm.num_layers=4',
+            'transformer_lm.card=2048',
+        ),
+        MEDIUM_CODEC,
+    ),
+}
+PHASES = ('data', 'codec', 'lm', 'optimizer', 'ema')
+
+
+def prepare_bench_dataset(tmp: Path, per_class: int) -> tuple[Path, Path]:
+    """Synthetic demo clips (1-4 s, every class) prepared by scripts/prepare_dataset.py; the train and valid dirs."""
+    from solvers.demo.synthetic import make_demo_dataset
+
+    make_demo_dataset(tmp / 'raw', seed=0, per_class=per_class)
+    command = [sys.executable, '-m', 'scripts.prepare_dataset', str(tmp / 'raw'), '--name', 'bench']
+    command += ['--out', str(tmp / 'prep'), '--egs-root', str(tmp / 'egs'), '--config-root', str(tmp / 'config')]
+    command += ['--workers', '1', '--no-progress', '--valid-fraction', '0.25']
+    subprocess.run(
+        command, cwd=PROJECT_ROOT, check=True, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE='1')
+    )
+    return tmp / 'egs' / 'bench' / 'train', tmp / 'egs' / 'bench' / 'valid'
+
+
+def shape_package(out: Path, shape: str) -> Path:
+    """A random package of ``shape``: the tiny package's LM config with the shape's overrides, and its codec."""
+    from audiocraft.models import builders
+    from omegaconf import OmegaConf
+
+    from solvers.demo import tiny
+    from solvers.models import lm, package
+
+    overrides, codec_cfg = SHAPES[shape]
+    if codec_cfg is None:
+        return tiny.build_tiny_package(out, seed=0, overrides=overrides)
+    torch.manual_seed(0)
+    lm_cfg = tiny.tiny_lm_config(overrides)
+    model = lm.build_lm_model(lm_cfg)
+    codec = builders.get_compression_model(OmegaConf.create(codec_cfg))
+    OmegaConf.set_struct(lm_cfg, False)
+    for key in ('datasource', 'slurm', 'dora'):
+        lm_cfg.pop(key, None)
+    return package.write(out, lm_cfg, model.state_dict(), OmegaConf.create(codec_cfg), codec.state_dict())
+
+
+class Clock:
+    """Seconds per phase of the current update (``with clock('lm'): ...``), kept per update."""
+
+    def __init__(self) -> None:
+        self.updates: list[dict[str, float]] = []
+
+    def new_update(self) -> None:
+        self.updates.append(dict.fromkeys(PHASES, 0.0))
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> tp.Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.updates[-1][phase] += time.perf_counter() - begin
+
+    def timed(self, fn: tp.Callable, phase: str) -> tp.Callable:
+        """``fn``, its time counted in ``phase``."""
+
+        def wrapper(*args: tp.Any, **kwargs: tp.Any) -> tp.Any:
+            with self(phase):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+def epochs_of_batches(solver: tp.Any) -> tp.Iterator[list]:
+    """The train loader's updates, epoch after epoch; each epoch's order seeded by its number (equal in both arms)."""
+    from audiocraft.utils.utils import get_dataset_from_loader
+
+    epoch = 1
+    while True:
+        get_dataset_from_loader(solver.dataloaders['train'].loader).current_epoch = epoch
+        torch.manual_seed(epoch)  # the sampler draws its order when the next line starts iterating
+        yield from solver.dataloaders['train']
+        epoch += 1
+
+
+def timed_update(solver: tp.Any, batches: tp.Iterator[list], clock: Clock, idx: int) -> float:
+    """One update as the solver's ``run_step`` + ``_train_update`` do it, each phase timed; returns its ce. The
+    codec's encode is timed by a wrapper (:func:`build_budget_arms`) and taken out of the LM's share."""
+    from solvers.training import optim
+
+    clock.new_update()
+    with clock('data'):
+        batch = next(batches)
+    begin = time.perf_counter()
+    ce, _, _ = solver._accumulate(batch)
+    clock.updates[-1]['lm'] += time.perf_counter() - begin - clock.updates[-1]['codec']
+    parts = (solver.optimizer, solver.trainable_params, solver.cfg.optim.max_norm, solver.scaler, solver.lr_scheduler)
+    with clock('optimizer'):
+        optim.apply_update(*parts, solver.guard, ce)
+    if solver.ema is not None and optim.ema_due(1, idx, solver.train_updates_per_epoch, solver.cfg.optim.ema.updates):
+        with clock('ema'):
+            solver.ema.step()
+    return float(ce)
+
+
+def build_budget_arms(overrides: list[str], outputs: Path) -> tuple[dict[str, tp.Any], tp.Any, float]:
+    """The uncached and cached solvers of one XP (equal weights), the XP context, and the cache's build seconds."""
+    from solvers import train
+    from solvers.training import token_cache
+    from solvers.training.solver import AudioGenFinetuneSolver
+
+    os.environ['AUDIOGEN_OUTPUTS'] = str(outputs)
+    train.main.dora.dir = outputs
+    xp = train.main.get_xp(overrides)
+    context = xp.enter()
+    context.__enter__()
+    train.init_seed_and_system(xp.cfg)
+    plain = train.get_solver(xp.cfg)
+    cached_cfg = copy.deepcopy(plain.cfg)
+    cached_cfg.token_cache = True
+    begin = time.perf_counter()
+    token_cache.build_for_config(cached_cfg, plain.compression_model, progress=False)
+    build_s = time.perf_counter() - begin
+    cached = AudioGenFinetuneSolver(cached_cfg)
+    cached.model.load_state_dict(plain.model.state_dict())
+    for solver in (plain, cached):
+        solver.model.train()
+    return {'uncached': plain, 'cached': cached}, context, build_s
+
+
+def loader_clips_per_s(solver: tp.Any, workers: int, batches: int) -> float:
+    """Clips/s of the train loader alone with ``workers`` processes (a fresh epoch, worker start-up included)."""
+    loader = solver.dataloaders['train'].loader
+    timed = torch.utils.data.DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=loader.sampler,
+        num_workers=workers,
+        collate_fn=loader.collate_fn,
+        multiprocessing_context='forkserver' if workers else None,
+    )
+    begin, clips = time.perf_counter(), 0
+    for n, (items, _) in enumerate(timed):
+        clips += len(items)
+        if n + 1 >= batches:
+            break
+    return clips / (time.perf_counter() - begin)
+
+
+def budget_overrides(shape: str, pkg: Path, data: tuple[Path, Path], args: argparse.Namespace) -> list[str]:
+    """The demo preset on the benchmark's package and data: 4 s segments, 8 clips per micro-batch, the demo's
+    2 micro-batches per update and EMA after every update (medium-narrow: one micro-batch per update)."""
+    return [
+        'solver=audiogen/demo',
+        f'pretrained={pkg}',
+        *SHAPES[shape][0],
+        f'datasource.train={data[0]}',
+        f'datasource.valid={data[1]}',
+        'dataset.segment_duration=4',
+        'dataset.min_segment_ratio=0.5',  # what prepare_dataset's presets write
+        'dataset.batch_size=8',
+        f'dataset.num_workers={args.workers}',
+        *(['optim.grad_accum_steps=1'] if shape != 'demo' else []),
+        f'optim.updates_per_epoch={args.updates}',
+        'optim.epochs=1000',
+        'logging.level=WARNING',
+    ]
+
+
+def time_budget(arms: dict[str, tp.Any], args: argparse.Namespace) -> tuple[dict[str, Clock], dict[str, list[float]]]:
+    """Per-update phase times and ce of both arms, updates alternating in ABBA order after an untimed warm-up."""
+    clocks = {name: Clock() for name in arms}
+    batches = {name: epochs_of_batches(solver) for name, solver in arms.items()}
+    ce: dict[str, list[float]] = {name: [] for name in arms}
+    for name, solver in arms.items():
+        solver.compression_model.encode = clocks[name].timed(solver.compression_model.encode, 'codec')
+        solver._current_stage = 'train'  # what flashy's run_stage sets
+    for i in range(args.warmup + args.updates):
+        order = list(arms) if i % 2 == 0 else list(reversed(arms))
+        for name in order:
+            ce[name].append(timed_update(arms[name], batches[name], clocks[name], i))
+        if i + 1 == args.warmup:
+            for clock in clocks.values():
+                clock.updates.clear()
+    return clocks, ce
+
+
+def print_budget(shape: str, arms: dict[str, tp.Any], clocks: dict[str, Clock], extra: dict) -> None:
+    """The step-budget table of one shape: median seconds per phase per update, the paired ratio, throughput."""
+    solver = arms['uncached']
+    clips = solver.cfg.dataset.batch_size * solver.cfg.optim.grad_accum_steps
+    params = sum(p.numel() for p in solver.model.parameters()) / 1e6
+    print(f'\n### {shape}: {params:.1f} M parameter LM, {clips} clips x 4 s per update\n')
+    print('| arm | ' + ' | '.join(PHASES) + ' | total s/update | step clips/s (no data) |')
+    print('|---|' + '---|' * (len(PHASES) + 2))
+    totals = {}
+    for name, clock in clocks.items():
+        medians = [statistics.median(u[p] for u in clock.updates) for p in PHASES]
+        totals[name] = [sum(u.values()) for u in clock.updates]
+        compute = statistics.median(sum(u.values()) - u['data'] for u in clock.updates)
+        cells = ' | '.join(f'{m:.4f}' for m in medians)
+        print(f'| {name} | {cells} | {statistics.median(totals[name]):.4f} | {clips / compute:.1f} |')
+    paired = statistics.median(c / u for c, u in zip(totals['cached'], totals['uncached']))
+    print(f'\ncached/uncached s/update: median of {len(totals["cached"])} paired ratios {paired:.3f}')
+    for key, value in extra.items():
+        print(f'{key}: {value}')
+
+
+def run_step_budget(args: argparse.Namespace) -> int:
+    """Per shape: build the package and both arms, time the updates and the loaders, compare the ce curves."""
+    tmp = Path(tempfile.mkdtemp(prefix='bench_budget_'))
+    os.environ['AUDIOGEN_HOME'] = str(tmp / 'home')  # the token cache goes under a temporary data root
+    print(f'step-budget: {args.threads} threads, load average {os.getloadavg()[0]:.2f}', flush=True)
+    try:
+        data = prepare_bench_dataset(tmp, args.per_class)
+        for shape in args.shapes:
+            pkg = shape_package(tmp / shape, shape)
+            arms, context, build_s = build_budget_arms(budget_overrides(shape, pkg, data, args), tmp / f'out-{shape}')
+            try:
+                torch.set_num_threads(args.threads)
+                clocks, ce = time_budget(arms, args)
+                extra: dict[str, str] = {'token cache build (cold)': f'{build_s:.1f} s'}
+                for workers in sorted({args.workers, *args.loader_workers}):
+                    rates = [f'{n} {loader_clips_per_s(s, workers, args.loader_batches):.1f}' for n, s in arms.items()]
+                    extra[f'loader clips/s, {workers} workers'] = ', '.join(rates)
+                gaps = [abs(a - b) for a, b in zip(ce['cached'], ce['uncached'])]
+                extra['ce per update, uncached'] = ' '.join(f'{v:.3f}' for v in ce['uncached'])
+                extra['ce per update, cached'] = ' '.join(f'{v:.3f}' for v in ce['cached'])
+                extra['|ce cached - uncached|'] = f'max {max(gaps):.4f}, median {statistics.median(gaps):.4f}'
+                print_budget(shape, arms, clocks, extra)
+            finally:
+                context.__exit__(None, None, None)
+        print(f'\nload average {os.getloadavg()[0]:.2f}')
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     """Parse the mode and its options, run it, print Markdown."""
@@ -531,13 +781,26 @@ def main(argv: list[str] | None = None) -> int:
     over.add_argument('--batch', type=int, default=4)
     over.add_argument('--seconds', type=float, default=2.0)
     over.add_argument('--per-class', type=int, default=4, help='demo clips per sound class in the dataset')
-    for sub in (med, over):
+    budget = modes.add_parser('step-budget', help='seconds per update in each phase, with and without the token cache')
+    budget.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['demo', 'medium-narrow'])
+    budget.add_argument('--updates', type=int, default=10, help='timed updates per arm')
+    budget.add_argument('--warmup', type=int, default=2, help='untimed updates per arm first')
+    budget.add_argument(
+        '--workers', type=int, default=0, help="loader workers of the steps (prepare_dataset's on 2 CPUs)"
+    )
+    budget.add_argument(
+        '--loader-workers', type=int, nargs='*', default=[2], help='also time the loader alone with these'
+    )
+    budget.add_argument('--loader-batches', type=int, default=8, help='batches per loader throughput measure')
+    budget.add_argument('--per-class', type=int, default=4, help='demo clips per sound class in the dataset')
+    for sub in (med, over, budget):
         sub.add_argument('--threads', type=int, default=2, help='torch CPU threads')
     args = parser.parse_args(argv)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     project.quiet_dependencies()
     torch.set_num_threads(args.threads)
-    return run_medium_lora(args) if args.mode == 'medium-lora' else run_overhead(args)
+    modes_run = {'medium-lora': run_medium_lora, 'overhead': run_overhead, 'step-budget': run_step_budget}
+    return modes_run[args.mode](args)
 
 
 if __name__ == '__main__':

@@ -8,7 +8,11 @@
    full fine-tune and LoRA, at the README's recipes (8 clips x 10 s; LoRA with ``transformer_lm.checkpointing=torch``,
    the 24 GB row), each with its peak memory beside the planner's figure for the same overrides (the parts this
    process holds: no T5, codec or EMA; and the whole run's);
-3. LM decoding with audiocraft's loop (``stock``) against ours (``fast``, and ``graph``: CUDA graphs) at
+3. the token cache's update beside the uncached one: one full fine-tune step (bf16 on the GPU) of the same LM at
+   the same clips, its tokens encoded from audio by a random codec of medium's codec shape
+   (``benchmarks/bench_training.MEDIUM_CODEC``) in the step, against the same tokens read as int16 and moved to the
+   device (what ``token_cache=true`` hands the solver);
+4. LM decoding with audiocraft's loop (``stock``) against ours (``fast``, and ``graph``: CUDA graphs) at
    25 variations x 10 s, with whether the tokens are identical and the share of the memory-bandwidth roofline
    (bytes a decode step must read / the GPU's bandwidth, against the measured time).
 
@@ -158,6 +162,49 @@ def training_step(args: argparse.Namespace, name: str, recipe: tuple[str, ...], 
     }
 
 
+def token_cache_step(args: argparse.Namespace) -> dict:
+    """One update with the codec in it (audio batch) and one from cached int16 tokens, the same LM, after an untimed
+    update of each; the codec encodes in fp32 under ``no_grad``, as the solver's ``_prepare_tokens_and_attributes``."""
+    from solvers.training.optim import build_optimizer
+
+    cuda, dtype = args.device == 'cuda', args.dtypes[0]
+    overrides = ['solver=audiogen/train', f'device={args.device}', *args.arch, *bench_training.LUT_FOR_T5]
+    cfg = project.compose(overrides)
+    model, params = build_lm(cfg, args.device, lora=False)
+    optimizer = build_optimizer(model, cfg.optim)
+    amp = bench_training.DTYPES[dtype]
+    autocast = torch.autocast(args.device, dtype=amp) if amp else torch.autocast(args.device, enabled=False)
+    codec = random_codec(bench_training.MEDIUM_CODEC, args.device)
+    audio = 0.1 * torch.randn(args.batch, 1, int(args.seconds * 16000), device=args.device)
+    with torch.no_grad():
+        cached = codec.encode(audio)[0].to(torch.int16).cpu()  # what the cache's shards hold
+
+    def update(arm: str) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        if arm == 'uncached':
+            with torch.no_grad():
+                codes = codec.encode(audio)[0]
+        else:
+            codes = cached.to(args.device, non_blocking=True).long()
+        bench_training.train_step(model, optimizer, params, codes, autocast, None, 1.0)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - begin
+
+    for arm in ('uncached', 'cached'):
+        update(arm)  # untimed: first-call allocations
+    times = {arm: update(arm) for arm in ('uncached', 'cached')}
+    return {
+        'clips': f'{args.batch} x {args.seconds:g} s',
+        'dtype': dtype,
+        'uncached_s': times['uncached'],
+        'cached_s': times['cached'],
+        'ratio': times['cached'] / times['uncached'],
+    }
+
+
 def decoding(args: argparse.Namespace) -> dict:
     """stock vs fast (vs graph on CUDA) at ``variations x duration``, the roofline share of each."""
     from omegaconf import OmegaConf
@@ -222,6 +269,13 @@ def markdown(result: dict) -> str:
             f'| {s["recipe"]} | {s["dtype"]} | {s["clips"]} | {s["step_s"]:.2f} | {s["peak_gb"]:.1f} | '
             f'{s["planned_in_process_gb"]:.1f} | {s["planned_gb"]:.1f} | {"yes" if s["finite"] else "NO"} |'
         )
+    t = result['token_cache']
+    lines += [
+        '',
+        f'| token cache ({t["clips"]}, {t["dtype"]}) | uncached update (s) | cached update (s) | cached/uncached |',
+        '|---|---|---|---|',
+        f'| full fine-tune | {t["uncached_s"]:.2f} | {t["cached_s"]:.2f} | {t["ratio"]:.2f} |',
+    ]
     d = result['decoding']
     lines += ['', f'| decoder ({d["clips"]}) | s | tokens = stock | share of roofline |', '|---|---|---|---|']
     for name, seconds in d['seconds'].items():
@@ -246,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             step = training_step(args, name, recipe, dtype)
             print(f'{name} {dtype}: {step["step_s"]:.2f} s/step, peak {step["peak_gb"]:.1f} GB', flush=True)
             result['training'].append(step)
+    result['token_cache'] = token_cache_step(args)
+    print(f'token cache: {result["token_cache"]["ratio"]:.2f} of the uncached update', flush=True)
     result['decoding'] = decoding(args)
     from solvers import atomic
 

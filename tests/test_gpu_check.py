@@ -25,8 +25,10 @@ def test_gpu_check_smoke_runs_every_part_and_writes_its_table(tmp_path: Path) ->
     assert steps == {(r, d) for r in ('full', 'lora') for d in ('float32', 'bfloat16')}
     assert all(s['finite'] and s['step_s'] > 0 and s['planned_gb'] > 0 for s in result['training'])
     assert result['decoding']['identical_to_stock'] == {'stock': True, 'fast': True}
+    assert result['token_cache']['uncached_s'] > 0 and result['token_cache']['cached_s'] > 0
     table = (folder / 'gpu_check.md').read_text()
-    assert '| lora | bfloat16 |' in table and '| fast |' in table and table in proc.stdout
+    assert '| lora | bfloat16 |' in table and '| fast |' in table and '| token cache (' in table
+    assert table in proc.stdout
 
 
 def test_gpu_check_without_cuda_stops_in_one_line() -> None:

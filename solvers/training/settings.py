@@ -31,7 +31,7 @@ REPLACED_AUDIOCRAFT_KEYS = {
     'compression_model_n_q': "the LM predicts every codebook of the package's codec",
     'interleave_stereo_codebooks.use': 'AudioGen is mono (channels: 1)',
     'checkpoint.keep_every_states': 'keep epoch checkpoints with checkpoint.save_every and checkpoint.keep_last',
-    'cache.path': "audiocraft's token cache is not read by this solver's training loop",
+    'cache.path': "audiocraft's batch cache is not read by this solver's training loop; use token_cache=true",
 }
 
 
@@ -57,6 +57,7 @@ def refuse_unsupported(cfg: omegaconf.DictConfig) -> None:
     check_evaluation(cfg)
     fastgen.check_decoder(str(cfg.generate.get('decoder') or 'fast'), str(cfg.device), naming='config')
     refuse_audiocraft_keys(cfg)
+    check_token_cache(cfg)
     check_optim(cfg.optim)
 
 
@@ -74,6 +75,20 @@ def check_optim(optim: omegaconf.DictConfig) -> None:
         raise AudiogenError(
             f'optim.max_bad_steps={optim.max_bad_steps}: it must be at least 1 (consecutive '
             'non-finite steps before the run stops).'
+        )
+
+
+def check_token_cache(cfg: omegaconf.DictConfig) -> None:
+    """``token_cache`` is true or false, and not combined with audio-space augmentation (``dataset.train.aug_p``)."""
+    value = cfg.token_cache
+    if not isinstance(value, bool):
+        raise SettingsError(
+            f'token_cache={value}: use token_cache=true (read the token cache) or false (encode audio).'
+        )
+    if value and float(cfg.dataset.train.get('aug_p') or 0) > 0:
+        raise SettingsError(
+            f'token_cache=true with dataset.train.aug_p={cfg.dataset.train.aug_p}: audio mixing has no token-space '
+            'form. Set dataset.train.aug_p=0, or token_cache=false.'
         )
 
 

@@ -7,8 +7,10 @@ What each hook changes, and where the work is done:
   checked against the config; LoRA (:func:`solvers.models.adapters.attach_lora`) or frozen parts; the optimizer,
   schedule and grad scaler (:mod:`solvers.training.optim`).
 - ``build_dataloaders`` + ``run_step``: gradient accumulation (N micro-batches per optimizer step, loss scaled by 1/N,
-  :mod:`solvers.training.loaders`), clipping and a non-finite guard that runs before the optimizer step
-  (:func:`solvers.training.optim.apply_update`), per-update TensorBoard scalars.
+  :mod:`solvers.training.loaders`; with ``token_cache=true`` the loaders read codec tokens from
+  :mod:`solvers.training.token_cache` and ``_prepare_tokens_and_attributes`` skips the codec), clipping and a
+  non-finite guard that runs before the optimizer step (:func:`solvers.training.optim.apply_update`), per-update
+  TensorBoard scalars.
 - ``run`` + ``train``: preemption and Ctrl-C become a checkpoint at the next update
   (:class:`solvers.training.signals.StopSignals`); an epoch resumes mid-way from a step checkpoint.
 - ``evaluate`` and ``generate``: the evaluate stage (:mod:`solvers.evaluation.evaluate`) and the epoch samples
@@ -36,7 +38,7 @@ from solvers.evaluation import evaluate as evaluation
 from solvers.models import adapters, checkpoint_io, lm, package
 from solvers.training import checkpoints as ckpt
 from solvers.training import curves as tb_curves
-from solvers.training import loaders, memory, optim, resume, samples, settings, signals
+from solvers.training import loaders, memory, optim, resume, samples, settings, signals, token_cache
 
 
 class AudioGenFinetuneSolver(AudioGenSolver):
@@ -57,6 +59,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         self._package_state: dict | None = None  # the package LM weights, between build_model and their first use
         self._epochs_run = 0  # epochs trained by this process (0 after a re-run of a finished XP)
         self._prompts: list[str] | None = None
+        self._early_codec: tp.Any = None  # loaded by build_dataloaders when the token cache needs it first
         super().__init__(cfg)
         # RNG states make resume exact: the next epoch sees the same data order and dropout draws.
         self.register_stateful('rng', 'position')
@@ -72,7 +75,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         else:
             package_cfg = package.lm_config(self.package)
         package.check_and_merge(self.cfg, package_cfg, self.cfg.pretrained)
-        self.compression_model = package.load_compression_model(self.package, self.device)
+        self.compression_model = self._early_codec or package.load_compression_model(self.package, self.device)
         package.check_codec(self.cfg, self.compression_model)
         self.model: models.LMModel = lm.build_lm_model(self.cfg).to(self.device)
         self.lora: tp.Any = None  # the peft tuner when adapter=lora
@@ -132,9 +135,14 @@ class AudioGenFinetuneSolver(AudioGenSolver):
 
     # ---------------------------------------------------------------- data
     def build_dataloaders(self) -> None:
-        """audiocraft's loaders, the train loader grouped into micro-batches (see solvers/training/loaders.py)."""
+        """audiocraft's loaders, the train loader grouped into micro-batches (see solvers/training/loaders.py); with
+        ``token_cache=true`` the train and valid loaders read the token cache (solvers/training/token_cache.py)."""
         covered = loaders.set_sample_counts(self.cfg)
         super().build_dataloaders()
+        if self.cfg.token_cache:
+            pkg = package.resolve(self.cfg.pretrained, base_dir=project.resolve_path('.'))
+            self._early_codec = package.load_compression_model(pkg, self.device)
+            loaders.use_token_cache(self.dataloaders, token_cache.open_for_run(self.cfg, self._early_codec))
         loaders.adjust(self.dataloaders, covered, self.cfg.optim.grad_accum_steps)
 
     # ---------------------------------------------------------------- epochs
@@ -341,6 +349,17 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         if not self.cfg.optim.eager_sync:
             flashy.distrib.sync_model(self.model)
         return ce_total, ce_q_total, tokens
+
+    def _prepare_tokens_and_attributes(self, batch: tp.Any, check_synchronization_points: bool = False) -> tuple:
+        """audiocraft's, for audio batches; for the token cache's batches (integer codes) the codec is skipped."""
+        if batch[0].dtype.is_floating_point:
+            return super()._prepare_tokens_and_attributes(batch, check_synchronization_points)
+        codec = self.compression_model
+        self.compression_model = tp.cast(tp.Any, token_cache.CachedCodes(codec))
+        try:
+            return super()._prepare_tokens_and_attributes(batch, check_synchronization_points)
+        finally:
+            self.compression_model = codec
 
     def _log_update(self, idx: int, metrics: dict) -> None:
         """Per-update TensorBoard points, so curves show more than one value per epoch."""
