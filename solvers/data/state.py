@@ -16,7 +16,7 @@ from solvers.data.config import DatasetError
 STATE_FILE = '.prepare_state.jsonl'
 LOCK_FILE = '.prepare.lock'
 WAV_SUBDIR = 'wav'
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: records hold the file's stat, tags, audio hash and split
 
 
 @contextlib.contextmanager
@@ -70,9 +70,13 @@ def write_state(path: Path, records: dict[str, dict[str, Any]]) -> None:
 
 
 def remove_stale_outputs(wav_dir: Path, kept: dict[str, dict[str, Any]]) -> int:
-    """Delete the files of ``wav_dir`` that no kept source produces, then persist the folder; returns how many.
+    """Delete the files of ``wav_dir`` that no source with usable audio produces, then persist the folder.
 
-    Outputs of files that were deleted, renamed or re-cut go, so that no manifest can point at them.
+    Outputs of files that were deleted, renamed or re-cut go, so that no manifest can point at them. Those of a
+    duplicate or an uncaptioned file stay (they are in no manifest), so that a re-run does not convert it again.
+
+    Returns:
+        How many files were deleted.
     """
     live = {o['name'] for r in kept.values() for o in r['outputs']}
     live |= {Path(n).stem + '.json' for n in live}
