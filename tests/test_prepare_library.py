@@ -16,11 +16,11 @@ import soundfile as sf
 from mutagen.flac import FLAC
 from mutagen.id3 import COMM, ID3, TIT2
 from mutagen.oggvorbis import OggVorbis
+
+from solvers import data
 from solvers.data import PrepareConfig, prepare
 from solvers.data.names import family_key, names_caption, ucs_caption
 from solvers.data.splits import Family, assign_splits
-
-from solvers import data
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 ROOT = Path(__file__).resolve().parents[1]

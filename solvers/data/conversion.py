@@ -265,8 +265,8 @@ def convert_one(task: ConvertTask) -> ConvertResult:
     sha = hashlib.sha256(data).hexdigest()  # sha256 runs on the SHA-NI unit of modern x86: ~2x blake2b
     tags = read_tags(data) if 'tags' in task.captions_from else (prev or {}).get('tags')
     if prev is not None and prev.get('sha') == sha:
-        record = dict(prev, stat=_stat(src.path), tags=tags)
-        return _finish(task, record, [Issue(**i) for i in prev.get('issues', [])], False)
+        reused = dict(prev, stat=_stat(src.path), tags=tags)
+        return _finish(task, reused, [Issue(**i) for i in prev.get('issues', [])], False)
 
     issues: list[Issue] = []
     record: dict[str, Any] = {
