@@ -232,6 +232,21 @@ def test_rerun_reads_no_unchanged_file_and_converts_only_the_added_one(tmp_path,
     assert {r: third['splits'][r] for r in first['splits']} == first['splits']  # nothing moved
 
 
+def test_captioned_take_families_never_straddle_the_split(tmp_path):
+    """10 families of 5 takes, each take captioned by a JSON beside it: each family lands in one split."""
+    root = tmp_path / 'sfx'
+    for family, letter in enumerate('ABCDEFGHIJ'):
+        for take in range(1, 6):
+            add_wav(root, f'Hit_{letter}_{take:02d}.wav', family * 10 + take)
+            (root / f'Hit_{letter}_{take:02d}.json').write_text(json.dumps({'description': f'hit number {letter}'}))
+    splits = prepare(config(tmp_path, root)).report['splits']
+    by_family: dict[str, set[str]] = {}
+    for rel, split in splits.items():
+        by_family.setdefault(rel.split('_')[1], set()).add(split)
+    assert all(len(s) == 1 for s in by_family.values()) and len(by_family) == 10
+    assert sum(s == 'valid' for s in splits.values()) == 5  # one family: the closest to 10 % of 50 files
+
+
 def test_nothing_is_written_when_no_file_is_usable(tmp_path):
     root = tmp_path / 'sfx'
     for i in range(3):
