@@ -123,7 +123,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.library:
-        bench_library(args.library, max(args.workers), args.baseline, args.tmp)
+        bench_library(args.library, max(args.workers), args.baseline, args.tmp, tags_arm=not args.no_tags_arm)
         return
 
     tools = ['ours', 'audiocraft'] + ([] if args.no_complete else ['audiocraft --complete'])
@@ -250,7 +250,7 @@ def _measure(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple
     return elapsed, usage.ru_maxrss / 1024
 
 
-def bench_library(n_files: int, workers: int, baseline: Path | None, tmp_root: Path | None) -> None:
+def bench_library(n_files: int, workers: int, baseline: Path | None, tmp_root: Path | None, tags_arm: bool) -> None:
     """Prepare a generated library of ``n_files`` with each arm, then re-run unchanged and with one file added."""
     with tempfile.TemporaryDirectory(prefix='bench_library_', dir=tmp_root) as tmp:
         tmp_path = Path(tmp)
@@ -261,9 +261,9 @@ def bench_library(n_files: int, workers: int, baseline: Path | None, tmp_root: P
         make_library(root, n_files)
         print(f'library: {n_files} files written in {time.perf_counter() - start:.0f} s; cpus: {os.cpu_count()}')
         arms = [('this checkout, defaults', PROJECT_ROOT, [])]
-        arms.append(
-            ('this checkout, --captions-from tags,ucs,names', PROJECT_ROOT, ['--captions-from', 'tags,ucs,names'])
-        )
+        if tags_arm:
+            tags_only = ['--captions-from', 'tags,ucs,names']
+            arms.append(('this checkout, --captions-from tags,ucs,names', PROJECT_ROOT, tags_only))
         if baseline is not None:
             arms.insert(0, (f'baseline {baseline}', baseline.resolve(), []))
         rows = []
