@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument(
         '--tmp', type=Path, default=None, help='with --library: where to generate it (default: $TMPDIR)'
     )
+    parser.add_argument('--no-tags-arm', action='store_true', help='with --library: skip the tags-and-names-only arm')
     args = parser.parse_args()
     if args.library:
         bench_library(args.library, max(args.workers), args.baseline, args.tmp, tags_arm=not args.no_tags_arm)
