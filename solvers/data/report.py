@@ -185,7 +185,9 @@ def build_report(
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> None:
     """Write ``report.json``, ``report.txt`` and ``captions.csv`` into ``out_dir`` atomically, then sync the folder."""
-    atomic.write_bytes(out_dir / 'report.json', (json.dumps(report, indent=2, ensure_ascii=False) + '\n').encode())
+    with atomic.open_atomic(out_dir / 'report.json', 'w', encoding='utf-8') as f:  # streamed: big for a library
+        json.dump(report, f, indent=2, ensure_ascii=False)
+        f.write('\n')
     atomic.write_bytes(out_dir / 'report.txt', format_report_text(report).encode('utf-8'))
     atomic.write_bytes(out_dir / CAPTIONS_CSV, captions_csv(report['captions']).encode('utf-8'))
     atomic.fsync_dir(out_dir)
