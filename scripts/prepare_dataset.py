@@ -1,4 +1,4 @@
-"""Prepare a captioned sound folder for AudioGen fine-tuning (manifests, 16 kHz WAVs, dataset preset, report)."""
+"""Prepare a sound folder or library for AudioGen fine-tuning (manifests, 16 kHz WAVs, dataset preset, report)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,27 @@ import os
 import sys
 from pathlib import Path
 
-from solvers.data import PrepareConfig, format_summary, prepare
+from solvers.data import CAPTION_SOURCES, PrepareConfig, format_summary, prepare
 from solvers.errors import run_cli
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(PrepareConfig)}
+
+
+def _sources(text: str) -> tuple[str, ...]:
+    """``--captions-from metadata,tags`` as a tuple; PrepareConfig checks the names."""
+    return tuple(s.strip() for s in text.split(',') if s.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; one flag per :class:`solvers.data.PrepareConfig` field."""
     parser = argparse.ArgumentParser(
         prog='prepare_dataset',
-        description='Check, convert (16 kHz mono PCM16), split and index a folder of captioned sounds for AudioGen '
-        'fine-tuning. Layouts: audio/ + metadata/ with matching paths; a JSON beside each audio file; or a '
-        'captions CSV/JSONL with path and caption columns. Caption keys: description, text or caption.',
+        description='Check, convert (16 kHz mono PCM16), split and index a folder of sounds for AudioGen '
+        'fine-tuning. Captions come from caption files (audio/ + metadata/ with matching paths; a JSON beside each '
+        'audio file; or a captions CSV/JSONL with path and caption columns; keys: description, text or caption), '
+        'else from tags embedded in the files (RIFF INFO, BWF bext, iXML, Vorbis comments, ID3), else from '
+        'Universal Category System names, else from folder and file names. Takes of one sound stay in one split; '
+        'identical audio is kept once.',
         epilog='Example: python -m scripts.prepare_dataset ~/sounds --name mysounds, then the commands it prints '
         '(dora run solver=audiogen/tiny dataset=mysounds on a CPU, solver=audiogen/train on a GPU). Outputs go under '
         "the data root: $AUDIOGEN_HOME if set, else this project's folder.",
@@ -60,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         help='captions CSV/JSONL (default: top-level *.csv / *.jsonl files of DATASET_DIR)',
     )
     parser.add_argument(
+        '--captions-from',
+        type=_sources,
+        default=DEFAULTS['captions_from'],
+        metavar='SOURCES',
+        help=f'caption sources to try, in order, comma-separated (default: {",".join(CAPTION_SOURCES)}): caption '
+        'files, embedded tags, UCS names, folder and file names; e.g. tags,names ignores caption files',
+    )
+    parser.add_argument(
         '--min-seconds',
         type=float,
         default=DEFAULTS['min_seconds'],
@@ -95,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         egs_root=args.egs_root,
         config_root=args.config_root,
         captions=args.captions,
+        captions_from=args.captions_from,
         valid_fraction=args.valid_fraction,
         workers=args.workers,
         min_seconds=args.min_seconds,

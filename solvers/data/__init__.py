@@ -1,10 +1,14 @@
-"""Turn a user's captioned sound folder into 16 kHz mono WAVs, audiocraft manifests, a dataset preset and a report.
+"""Turn a user's sound folder or library into 16 kHz mono WAVs, audiocraft manifests, a dataset preset and a report.
 
 :func:`prepare` runs the steps; each role lives in a module of this package and its names are re-exported here:
 
 - :mod:`.config`: :class:`PrepareConfig`, :class:`DatasetError` and the constants every step shares;
-- :mod:`.discovery`: the audio files of the user's folder and their captions, whatever the layout;
-- :mod:`.conversion`: decode, check, downmix, resample, cut and encode one file (the worker function);
+- :mod:`.discovery`: the audio files of the user's folder and their caption files, whatever the layout;
+- :mod:`.tags`, :mod:`.names`, :mod:`.captions`: captions from embedded tags, UCS and folder/file names, and the
+  order of the caption sources;
+- :mod:`.conversion`: decode, check, downmix, resample, cut and encode one file, then caption it (the worker
+  function);
+- :mod:`.splits`: duplicates kept once, families of takes, the leak-free stratified split;
 - :mod:`.state`: the output folder's lock, the state journal that makes re-runs incremental, clean-up;
 - :mod:`.manifests`: the split, the manifests, and :func:`read_manifest` / :func:`manifest_captions` for later stages;
 - :mod:`.preset`: the dataset preset YAML;
@@ -18,7 +22,17 @@ from pathlib import Path
 from typing import Any
 
 # Worker processes import this package: keep it free of torch/audiocraft imports (they cost seconds).
-from solvers.data.config import AUDIO_EXTS, MIN_SECONDS, NAME_RE, SAMPLE_RATE, UNSUPPORTED_EXTS, DatasetError, PrepareConfig
+from solvers.data.captions import Caption, format_source_counts, resolve_caption, source_counts, tags_caption
+from solvers.data.config import (
+    AUDIO_EXTS,
+    CAPTION_SOURCES,
+    MIN_SECONDS,
+    NAME_RE,
+    SAMPLE_RATE,
+    UNSUPPORTED_EXTS,
+    DatasetError,
+    PrepareConfig,
+)
 from solvers.data.conversion import (
     CLIP_FLAG_FRACTION,
     CLIP_LEVEL,
@@ -49,17 +63,23 @@ from solvers.data.discovery import (
     walk_files,
 )
 from solvers.data.manifests import (
-    assign_splits,
     clip_durations,
     manifest_bytes,
     manifest_captions,
     manifest_entries,
     read_manifest,
     sample_prompts,
-    split_of,
     write_manifests,
 )
-from solvers.data.preset import PACKAGE_LINE, PRESET_MARK, PresetSettings, manifest_ref, preset_settings, preset_text, write_preset
+from solvers.data.preset import (
+    PACKAGE_LINE,
+    PRESET_MARK,
+    PresetSettings,
+    manifest_ref,
+    preset_settings,
+    preset_text,
+    write_preset,
+)
 from solvers.data.report import (
     FIXES,
     FLAGGED,
@@ -74,6 +94,7 @@ from solvers.data.report import (
     sort_issues,
     write_report,
 )
+from solvers.data.splits import Family, assign_splits, families, find_duplicates
 from solvers.data.state import (
     LOCK_FILE,
     STATE_FILE,
@@ -86,6 +107,7 @@ from solvers.data.state import (
     remove_temp_files,
     write_state,
 )
+from solvers.data.tags import read_tags
 
 __all__ = [
     'SAMPLE_RATE',
@@ -127,7 +149,16 @@ __all__ = [
     'caption_from_object',
     'read_captions_file',
     'discover',
-    'split_of',
+    'CAPTION_SOURCES',
+    'Caption',
+    'resolve_caption',
+    'tags_caption',
+    'source_counts',
+    'format_source_counts',
+    'read_tags',
+    'Family',
+    'families',
+    'find_duplicates',
     'assign_splits',
     'manifest_bytes',
     'read_manifest',
@@ -158,14 +189,16 @@ class PrepareResult:
 def prepare(cfg: PrepareConfig) -> PrepareResult:
     """Prepare a dataset: discover, convert in parallel, split, write manifests, preset, report and state.
 
-    Safe to interrupt and re-run: outputs are written atomically, the state journal records each finished file,
-    and a re-run only converts files whose bytes (or the conversion parameters) changed.
+    Safe to interrupt and re-run: outputs are written atomically, the state journal records each finished file
+    (with its tags, audio hash and split), a re-run reads no file whose size and mtime are unchanged and converts only
+    files whose bytes (or the conversion parameters) changed, and no file moves between splits.
 
     Args:
         cfg: What to prepare and where (see :class:`PrepareConfig`).
 
     Returns:
-        The report and the exit status (0; 1 if nothing usable remains, or if ``strict`` and a file was rejected).
+        The report and the exit status (0; 1 if nothing usable remains, in which case no manifest or preset is
+        written, or if ``strict`` and a file was rejected).
 
     Raises:
         DatasetError: Invalid arguments, or the output folder is in use by another run.
@@ -184,23 +217,32 @@ def _prepare_locked(cfg: PrepareConfig, out_dir: Path, wav_dir: Path) -> Prepare
     params = conversion_params(cfg.min_seconds, cfg.max_seconds)
     sources, issues, facts = discover(cfg)
     state_path = out_dir / STATE_FILE
-    tasks = make_tasks(sources, load_state(state_path), wav_dir, params)
-    records, converted = _convert_all(cfg, tasks, state_path, issues)
-    kept = {rel: r for rel, r in records.items() if r['status'] == 'kept'}
-    stale_removed = remove_stale_outputs(wav_dir, kept)
-
-    splits = assign_splits(kept, cfg.valid_fraction)
+    state = load_state(state_path)
+    tasks = make_tasks(sources, state, wav_dir, params, cfg.captions_from)
+    records, captions, converted = _convert_all(cfg, tasks, state_path, issues)
+    stale_removed = remove_stale_outputs(wav_dir, {r: rec for r, rec in records.items() if rec['status'] == 'kept'})
+    kept, duplicates = _keep_once(records, captions, issues)
+    previous = {rel: r['split'] for rel, r in state.items() if r.get('split')}
+    name_rels = {s.rel: s.name_rel for s in sources if s.rel in kept}
+    caption_text = {rel: _first(captions[rel][0]) for rel in kept}
+    splits = assign_splits(families(name_rels, caption_text), cfg.valid_fraction, previous)
+    for rel, rec in records.items():
+        rec['split'] = splits.get(rel)
     entries = manifest_entries(kept, splits, wav_dir)
-    egs_dir = Path(cfg.egs_root) / cfg.name  # type: ignore[arg-type]
-    manifests = write_manifests(egs_dir, entries)
     durations = clip_durations(kept)
-    preset, notes = _write_dataset_preset(cfg, egs_dir, durations, has_valid=bool(entries['valid']))
+    if kept:
+        egs_dir = Path(cfg.egs_root) / cfg.name  # type: ignore[arg-type]
+        manifests = write_manifests(egs_dir, entries)
+        preset, notes = _write_dataset_preset(cfg, egs_dir, durations, has_valid=bool(entries['valid']))
+    else:  # nothing half-written: a preset and manifests without clips would only fail later, in training
+        manifests, preset, notes = {}, {}, ['No usable file: no manifest or preset was written.']
     write_state(state_path, records)  # compact the journal to the current sources
 
     sort_issues(issues)
     if len(kept) == 1:
         notes.append('Only one usable file: the valid split is empty. Add more files.')
-    totals = report_totals(issues, records, converted, stale_removed, durations, entries)
+    totals = report_totals(issues, kept, len(records), converted, stale_removed, durations, entries)
+    totals['duplicate_files'] = len(duplicates)
     report = build_report(
         cfg,
         facts=facts,
@@ -212,23 +254,50 @@ def _prepare_locked(cfg: PrepareConfig, out_dir: Path, wav_dir: Path) -> Prepare
         preset=preset,
         notes=notes,
         issues=issues,
+        captions={rel: captions[rel] for rel in sorted(kept)},
+        duplicates=duplicates,
     )
     write_report(out_dir, report)
     return PrepareResult(report, _exit_code(cfg, kept, issues))
 
 
+def _first(caption: str | list[str]) -> str:
+    return caption if isinstance(caption, str) else caption[0]
+
+
+def _keep_once(
+    records: dict[str, dict[str, Any]], captions: dict[str, tuple[str | list[str], str]], issues: list[Issue]
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The captioned files kept, each audio once; duplicates and long captions are reported in ``issues``.
+
+    Returns:
+        ``{rel: record}`` of the kept files, and ``{duplicate: the file kept instead}``.
+    """
+    duplicates = find_duplicates({rel: records[rel].get('pcm') for rel in captions})
+    for dup, original in duplicates.items():
+        issues.append(Issue(dup, INFO, 'duplicate', f'the same audio as {original}, which is kept; this copy is not'))
+    kept = {rel: records[rel] for rel in sorted(captions) if rel not in duplicates}
+    for rel in kept:
+        caption = captions[rel][0]
+        chars = len(caption) if isinstance(caption, str) else max(map(len, caption))
+        if chars > LONG_CAPTION_CHARS:
+            issues.append(Issue(rel, FLAGGED, 'long_caption', f'caption has {chars} characters'))
+    return kept, duplicates
+
+
 def _convert_all(
     cfg: PrepareConfig, tasks: list[ConvertTask], state_path: Path, issues: list[Issue]
-) -> tuple[dict[str, dict[str, Any]], int]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[str | list[str], str]], int]:
     """Run the conversions with a progress bar, journaling each file converted as soon as it is done.
 
     Returns:
-        The state records of the sources that could be read, by relative path, and how many were converted this
-        run; the issues found are appended to ``issues``.
+        The state records of the sources that could be read, by relative path; ``{rel: (caption, source)}`` of the
+        usable ones; and how many were converted this run. The issues found are appended to ``issues``.
     """
     from tqdm import tqdm
 
     records: dict[str, dict[str, Any]] = {}
+    captions: dict[str, tuple[str | list[str], str]] = {}
     converted = 0
     with open(state_path, 'ab') as journal:
         bar = tqdm(
@@ -241,10 +310,12 @@ def _convert_all(
             if res.record is None:
                 continue
             records[res.rel] = res.record
+            if res.caption is not None and res.caption_source is not None:
+                captions[res.rel] = (res.caption, res.caption_source)
             if res.converted:
                 append_record(journal, res.record)
         bar.close()
-    return records, converted
+    return records, captions, converted
 
 
 def _write_dataset_preset(

@@ -18,6 +18,8 @@ NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_-]*$')
 # The shortest clip kept by default: two frames of the 16 kHz codec (50 Hz). AudioGen pads short segments and
 # audiocraft's loader keeps clips of any length, so clicks, blips and single hits are usable training data.
 MIN_SECONDS = 0.04
+# Where captions come from, most explicit first (solvers/data/captions.py reads them in this order by default).
+CAPTION_SOURCES = ('metadata', 'tags', 'ucs', 'names')
 
 
 class DatasetError(AudiogenError):
@@ -44,6 +46,8 @@ class PrepareConfig:
         config_root: Folder of the ``dataset`` config group (default ``<data root>/config/dataset``); the data
             root is ``$AUDIOGEN_HOME``, else the project clone (see :mod:`solvers.project`).
         captions: Captions CSV/JSONL; by default top-level ``*.csv``/``*.jsonl`` files of the dataset are used.
+        captions_from: Caption sources to try, in order: ``metadata`` (caption files), ``tags`` (embedded tags),
+            ``ucs`` (Universal Category System names), ``names`` (folder and file names).
         valid_fraction: Share of source files that go to the valid split.
         workers: Worker processes; 1 converts in this process.
         min_seconds: Shorter clips are rejected.
@@ -59,6 +63,7 @@ class PrepareConfig:
     egs_root: Path | None = None
     config_root: Path | None = None
     captions: Path | None = None
+    captions_from: tuple[str, ...] = CAPTION_SOURCES
     valid_fraction: float = 0.1
     workers: int = 1
     min_seconds: float = MIN_SECONDS
@@ -93,6 +98,7 @@ class PrepareConfig:
             egs_root=Path(self.egs_root or data_root() / 'egs').expanduser().absolute(),
             config_root=Path(self.config_root or user_config_dir() / 'dataset').expanduser().absolute(),
             captions=captions,
+            captions_from=tuple(self.captions_from),
             valid_fraction=self.valid_fraction,
             workers=self.workers,
             min_seconds=self.min_seconds,
@@ -115,6 +121,12 @@ class PrepareConfig:
             raise DatasetError(
                 f'--min-seconds ({self.min_seconds}) and --max-seconds ({self.max_seconds}) must be '
                 'positive with min <= max.'
+            )
+        unknown = [s for s in self.captions_from if s not in CAPTION_SOURCES]
+        if unknown or not self.captions_from or len(set(self.captions_from)) != len(self.captions_from):
+            raise DatasetError(
+                f'--captions-from {",".join(self.captions_from)!r} is not usable: give one or more of '
+                f'{",".join(CAPTION_SOURCES)}, each once, in the order to try them (e.g. --captions-from tags,names).'
             )
         if self.workers < 1:
             raise DatasetError(f'--workers must be at least 1, got {self.workers}.')

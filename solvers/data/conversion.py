@@ -7,6 +7,7 @@ import io
 import json
 import math
 import multiprocessing
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -18,10 +19,12 @@ import soundfile as sf
 import soxr
 
 from solvers import atomic
-from solvers.data.config import SAMPLE_RATE, _hash_text
+from solvers.data.captions import resolve_caption
+from solvers.data.config import CAPTION_SOURCES, SAMPLE_RATE, _hash_text
 from solvers.data.discovery import Source
 from solvers.data.report import FLAGGED, INFO, REJECTED, Issue
 from solvers.data.state import STATE_VERSION
+from solvers.data.tags import read_tags
 
 # Worker processes import this module: keep it free of torch/audiocraft imports (they cost seconds).
 
@@ -40,16 +43,20 @@ class ConvertTask:
     wav_dir: str
     params: dict[str, Any]
     previous: dict[str, Any] | None = None  # state record of the last run, only if its parameters match
+    unchanged: bool = False  # the file's size and mtime are those of ``previous``: reuse it without reading the file
+    captions_from: tuple[str, ...] = CAPTION_SOURCES
 
 
 @dataclass
 class ConvertResult:
-    """A worker's answer: the new state record and the issues found."""
+    """A worker's answer: the new state record, the issues found, and the caption with its source."""
 
     rel: str
     record: dict[str, Any] | None
     issues: list[Issue]
     converted: bool
+    caption: str | list[str] | None = None  # None: the file is not usable (rejected audio, or no caption)
+    caption_source: str | None = None
 
 
 class _Rejected(Exception):
@@ -169,22 +176,23 @@ def _metadata_issues(src: Source, orig_sr: int, orig_duration: float) -> list[Is
     return issues
 
 
-def _sidecar_bytes(src: Source, index: int, count: int, start: float) -> bytes:
+def _sidecar_bytes(src: Source, source: str, index: int, count: int, start: float) -> bytes:
     payload = {
         'description': src.caption,
         'source': src.rel,
         'chunk_index': index,
         'num_chunks': count,
         'chunk_start': round(start, 4),
+        'caption_source': source,
     }
     # ASCII escapes: audiocraft opens the sidecar with the locale's default encoding, which may not be UTF-8.
     return (json.dumps(payload, ensure_ascii=True) + '\n').encode('ascii')
 
 
-def _write_sidecars(src: Source, wav_dir: Path, outputs: list[dict[str, Any]]) -> None:
+def _write_sidecars(src: Source, source: str, wav_dir: Path, outputs: list[dict[str, Any]]) -> None:
     for i, out in enumerate(outputs):
         path = wav_dir / (Path(out['name']).stem + '.json')
-        data = _sidecar_bytes(src, i, len(outputs), out['start'])
+        data = _sidecar_bytes(src, source, i, len(outputs), out['start'])
         try:
             if path.read_bytes() == data:
                 continue
@@ -194,13 +202,20 @@ def _write_sidecars(src: Source, wav_dir: Path, outputs: list[dict[str, Any]]) -
 
 
 def make_tasks(
-    sources: list[Source], state: dict[str, dict[str, Any]], wav_dir: Path, params: dict[str, Any]
+    sources: list[Source],
+    state: dict[str, dict[str, Any]],
+    wav_dir: Path,
+    params: dict[str, Any],
+    captions_from: tuple[str, ...] = CAPTION_SOURCES,
 ) -> list[ConvertTask]:
     """One task per source, with the source's previous state record if it is still valid.
 
     A record is valid when it was made with the same parameters and output name and all its outputs are present.
+    It is reused without reading the file when the file's size and modification time are unchanged and the record
+    holds what this run needs (its tags, when tags are a caption source).
     """
     tasks = []
+    want_tags = 'tags' in captions_from
     for src in sources:
         prev = state.get(src.rel)
         if prev is not None and (
@@ -209,33 +224,49 @@ def make_tasks(
             or any(not (wav_dir / o['name']).is_file() for o in prev.get('outputs', []))
         ):
             prev = None
-        tasks.append(ConvertTask(src, str(wav_dir), params, prev))
+        has_tags = prev is not None and (prev.get('tags') is not None or not want_tags)
+        unchanged = has_tags and prev is not None and prev.get('stat') == _stat(src.path)
+        tasks.append(ConvertTask(src, str(wav_dir), params, prev, unchanged, captions_from))
     return tasks
 
 
-def convert_one(task: ConvertTask) -> ConvertResult:
-    """Check and convert one source file (runs in a worker process).
+def _stat(path: str) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file, what tells a re-run that it has not changed; ``None`` if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
-    Reads the file once, hashes it, and, unless the previous run converted the same bytes with the same
-    parameters, decodes it, rejects or flags problems, downmixes to mono, resamples to 16 kHz (libsoxr, high
-    quality), cuts long files into chunks and writes PCM16 WAVs plus the caption sidecars atomically.
+
+def convert_one(task: ConvertTask) -> ConvertResult:
+    """Check and convert one source file, then caption it (runs in a worker process).
+
+    A file whose size and mtime are unchanged since the last run is not read at all. Otherwise it is read once and
+    hashed; its tags are parsed from the same bytes; unless the previous run converted the same bytes with the same
+    parameters, it is decoded, problems are rejected or flagged, it is downmixed to mono, resampled to 16 kHz
+    (libsoxr, high quality), cut into chunks and written as PCM16 WAVs. Then the caption is chosen
+    (:func:`solvers.data.captions.resolve_caption`) and the caption sidecars are written atomically.
 
     Args:
-        task: The source, the output folder, the parameters and the previous state record.
+        task: The source, the output folder, the parameters, the previous state record and the caption sources.
 
     Returns:
-        The new state record (``None`` if the file could not be read) and the issues.
+        The new state record (``None`` if the file could not be read), the issues, and the caption with its source.
     """
     src = task.source
-    wav_dir = Path(task.wav_dir)
+    prev = task.previous
+    if prev is not None and task.unchanged:
+        return _finish(task, dict(prev), [Issue(**i) for i in prev.get('issues', [])], False)
     try:
         data = Path(src.path).read_bytes()
     except OSError as err:
         return ConvertResult(src.rel, None, [Issue(src.rel, REJECTED, 'unreadable_file', f'cannot read: {err}')], False)
     sha = hashlib.sha256(data).hexdigest()  # sha256 runs on the SHA-NI unit of modern x86: ~2x blake2b
-    prev = task.previous
+    tags = read_tags(data) if 'tags' in task.captions_from else (prev or {}).get('tags')
     if prev is not None and prev.get('sha') == sha:
-        return _reuse(src, wav_dir, prev)
+        reused = dict(prev, stat=_stat(src.path), tags=tags)
+        return _finish(task, reused, [Issue(**i) for i in prev.get('issues', [])], False)
 
     issues: list[Issue] = []
     record: dict[str, Any] = {
@@ -243,33 +274,43 @@ def convert_one(task: ConvertTask) -> ConvertResult:
         'rel': src.rel,
         'base': src.base,
         'sha': sha,
+        'stat': _stat(src.path),
+        'tags': tags,
+        'pcm': None,
         'params': task.params['fingerprint'],
         'status': 'rejected',
         'outputs': [],
         'orig': None,
     }
     try:
-        outputs = _convert(src, data, wav_dir, task.params, record, issues)
+        outputs = _convert(src, data, Path(task.wav_dir), task.params, record, issues)
     except _Rejected as rejected:
         issues.append(Issue(src.rel, REJECTED, rejected.code, rejected.reason))
         record['issues'] = [asdict(i) for i in issues]
         return ConvertResult(src.rel, record, issues, True)
     record.update(status='kept', outputs=outputs, issues=[asdict(i) for i in issues])
-    orig = record['orig']
-    return ConvertResult(src.rel, record, issues + _metadata_issues(src, orig['sample_rate'], orig['duration']), True)
+    return _finish(task, record, issues, True)
 
 
-def _reuse(src: Source, wav_dir: Path, prev: dict[str, Any]) -> ConvertResult:
-    """The result for bytes the previous run already converted: its record and issues, sidecars brought up to date.
+def _finish(task: ConvertTask, record: dict[str, Any], audio_issues: list[Issue], converted: bool) -> ConvertResult:
+    """Caption a file whose audio is usable and bring its sidecars up to date; a file no source captions is rejected.
 
-    The caption may have changed since, so a kept file's sidecars are rewritten if they differ, and the metadata
-    checks run again.
+    The caption may change without the audio changing (a new caption file, another ``--captions-from``), so it is
+    chosen on every run, and sidecars are rewritten only where they differ.
     """
-    audio_issues = [Issue(**i) for i in prev.get('issues', [])]
-    if prev['status'] == 'kept':
-        _write_sidecars(src, wav_dir, prev['outputs'])
-        audio_issues += _metadata_issues(src, prev['orig']['sample_rate'], prev['orig']['duration'])
-    return ConvertResult(src.rel, dict(prev), audio_issues, False)
+    src = task.source
+    issues = list(audio_issues)
+    if record['status'] != 'kept':
+        return ConvertResult(src.rel, record, issues, converted)
+    caption = resolve_caption(src, record.get('tags') or {}, task.captions_from)
+    if caption.problem is not None:
+        issues.append(Issue(src.rel, REJECTED, *caption.problem, metadata_path=src.metadata_path))
+        return ConvertResult(src.rel, record, issues, converted)
+    src.caption = caption.text
+    _write_sidecars(src, caption.source or '', Path(task.wav_dir), record['outputs'])
+    if caption.source == 'metadata':
+        issues += _metadata_issues(src, record['orig']['sample_rate'], record['orig']['duration'])
+    return ConvertResult(src.rel, record, issues, converted, caption.text, caption.source)
 
 
 def _convert(
@@ -287,6 +328,7 @@ def _convert(
 
     Returns:
         The outputs, ``[{"name", "duration", "start"}, ...]``; raises :class:`_Rejected` for a file that is not kept.
+        The record's ``pcm`` is set to the hash of the prepared audio (what finds duplicates).
     """
     if not data:
         raise _Rejected('empty_file', 'zero-byte file')
@@ -307,8 +349,7 @@ def _convert(
         )
     x = _check_levels(src, x, record['orig']['subtype'], duration, params, issues)
     mono = _resample(src, _downmix(x, channels), orig_sr, issues)
-    outputs = _write_chunks(src, mono, wav_dir, params, duration, issues)
-    _write_sidecars(src, wav_dir, outputs)
+    outputs, record['pcm'] = _write_chunks(src, mono, wav_dir, params, duration, issues)
     return outputs
 
 
@@ -401,12 +442,14 @@ def _resample(src: Source, mono: np.ndarray, orig_sr: int, issues: list[Issue]) 
 
 def _write_chunks(
     src: Source, mono: np.ndarray, wav_dir: Path, params: dict[str, Any], duration: float, issues: list[Issue]
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], str]:
     """Cut the 16 kHz samples into chunks (see :func:`plan_chunks`) and write each non-silent one as a WAV.
 
     Returns:
-        ``[{"name", "duration", "start"}, ...]`` of the written chunks; raises :class:`_Rejected` if all are silent.
+        ``[{"name", "duration", "start"}, ...]`` of the written chunks, and a hash of their PCM samples (identical
+        audio under two names or in two formats has the same); raises :class:`_Rejected` if all are silent.
     """
+    pcm_hash = hashlib.blake2b(digest_size=16)
     chunks, dropped = plan_chunks(len(mono), SAMPLE_RATE, params['min_seconds'], params['max_seconds'])
     if dropped:
         issues.append(
@@ -433,7 +476,9 @@ def _write_chunks(
             )
             continue
         name = f'{src.base}.wav' if len(chunks) == 1 else f'{src.base}-c{i + 1:03d}.wav'
-        atomic.write_bytes(wav_dir / name, encode_wav_pcm16(piece, SAMPLE_RATE), sync_dir=False)
+        wav = encode_wav_pcm16(piece, SAMPLE_RATE)
+        pcm_hash.update(memoryview(wav)[44:])  # the samples, after the 44-byte header
+        atomic.write_bytes(wav_dir / name, wav, sync_dir=False)
         outputs.append({'name': name, 'duration': (end - start) / SAMPLE_RATE, 'start': start / SAMPLE_RATE})
     if len(chunks) > 1:
         issues.append(
@@ -447,7 +492,7 @@ def _write_chunks(
         )
     if not outputs:
         raise _Rejected('silent', 'every chunk is silent')
-    return outputs
+    return outputs, pcm_hash.hexdigest()
 
 
 def iter_results(tasks: list[ConvertTask], workers: int) -> Iterator[ConvertResult]:

@@ -31,9 +31,11 @@ class Source:
     rel: str  # path relative to the dataset folder, POSIX separators
     path: str  # absolute path
     base: str  # output name stem, unique per source
-    caption: str | list[str] | None = None
+    caption: str | list[str] | None = None  # from a caption file; the final one is chosen by captions.resolve_caption
     metadata_path: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    name_rel: str = ''  # rel without the audio/ of the audio/ + metadata/ layout: the path whose words name the sound
+    caption_problem: tuple[str, str] | None = None  # why no caption file captions it, as (code, reason)
 
 
 def clean_caption(value: Any) -> str | list[str] | None:
@@ -262,54 +264,48 @@ def _match_caption_path(
 
 
 def discover(cfg: PrepareConfig) -> tuple[list[Source], list[Issue], dict[str, Any]]:
-    """Find the audio files of the dataset and their captions, whatever the layout.
+    """Find the audio files of the dataset and their captions from caption files, whatever the layout.
 
-    A file's caption comes from the first of: a captions CSV/JSONL row, ``metadata/<path under audio/>.json``
-    (``audio/`` + ``metadata/`` layout), ``<file>.json`` beside it.
+    A file's caption-file caption comes from the first of: a captions CSV/JSONL row,
+    ``metadata/<path under audio/>.json`` (``audio/`` + ``metadata/`` layout), ``<file>.json`` beside it. Files
+    without one are still returned (with ``caption_problem`` set): tags and names may caption them
+    (:func:`solvers.data.captions.resolve_caption`, in the conversion workers).
 
     Args:
         cfg: A resolved config.
 
     Returns:
-        Captioned sources (sorted), issues (uncaptioned or unsafe files...), and facts for the report.
+        Every audio file as a source (sorted), issues (unsafe or unreadable files, orphan metadata...), and facts
+        for the report.
     """
     root = Path(cfg.dataset_dir)  # type: ignore[arg-type]
     issues: list[Issue] = []
     files, hidden = walk_files(root, issues)
     split_layout = (root / 'audio').is_dir() and (root / 'metadata').is_dir()
     audio, jsons = _sort_files(files, issues)
-    caption_files = _caption_files(cfg, root, files)
+    use_metadata = 'metadata' in cfg.captions_from
+    caption_files = _caption_files(cfg, root, files) if use_metadata else []
     row_captions = _row_captions(root, caption_files, _index_audio(audio), issues)
     sources: list[Source] = []
     used_json: set[str] = set()
     bases: set[str] = set()
     for rel, path in audio:
-        src = Source(rel=rel, path=str(path), base=_unique_base(rel, split_layout, bases))
-        if rel in row_captions:
-            problem = _caption_from_rows(src, row_captions[rel])
+        name_rel = rel[len('audio/') :] if split_layout and rel.startswith('audio/') else rel
+        src = Source(rel=rel, path=str(path), base=_unique_base(name_rel, rel, bases), name_rel=name_rel)
+        if not use_metadata:
+            src.caption_problem = ('missing_caption', 'caption files not read (--captions-from)')
+        elif rel in row_captions:
+            src.caption_problem = _caption_from_rows(src, row_captions[rel])
         else:
-            problem = _caption_from_json(src, split_layout, jsons, bool(caption_files), used_json)
-        if problem is not None:
-            issues.append(Issue(rel, REJECTED, problem[0], problem[1], metadata_path=src.metadata_path))
-            continue
-        caption_chars = len(src.caption) if isinstance(src.caption, str) else max(map(len, src.caption or ['']))
-        if caption_chars > LONG_CAPTION_CHARS:
-            issues.append(
-                Issue(
-                    rel,
-                    FLAGGED,
-                    'long_caption',
-                    f'caption has {caption_chars} characters',
-                    metadata_path=src.metadata_path,
-                )
-            )
+            src.caption_problem = _caption_from_json(src, split_layout, jsons, bool(caption_files), used_json)
         sources.append(src)
 
-    for rel in sorted(set(jsons) - used_json):
+    for rel in sorted(set(jsons) - used_json) if use_metadata else []:
         if '/' in rel:  # top-level JSON files are often dataset cards, not per-file metadata
             issues.append(Issue(rel, FLAGGED, 'orphan_metadata', 'no audio file uses this metadata file'))
+    layout = 'captions file' if caption_files else 'audio/ + metadata/' if split_layout else 'sidecar JSON'
     facts = {
-        'layout': ('captions file' if caption_files else 'audio/ + metadata/' if split_layout else 'sidecar JSON'),
+        'layout': layout if caption_files or used_json else 'no caption files',
         'captions_files': [c for c, _ in caption_files],
         'hidden_skipped': hidden,
     }
@@ -370,9 +366,8 @@ def _row_captions(
     return row_captions
 
 
-def _unique_base(rel: str, split_layout: bool, bases: set[str]) -> str:
+def _unique_base(name_rel: str, rel: str, bases: set[str]) -> str:
     """The output name stem of a source: its flattened path and a short hash, never one already in ``bases``."""
-    name_rel = rel[len('audio/') :] if split_layout and rel.startswith('audio/') else rel
     base = f'{_flat_name(name_rel)}-{_hash_text(rel, 4)}'
     if base in bases:  # same flattened name and same 32-bit hash: astronomically unlikely, but never overwrite
         base = f'{base}-{_hash_text(rel, 8)}'

@@ -1,4 +1,4 @@
-"""Manifests: the train/valid split, audiocraft's data.jsonl.gz files, and reading them back (read_manifest)."""
+"""Manifests: audiocraft's data.jsonl.gz files of each split, and reading them back (read_manifest)."""
 
 from __future__ import annotations
 
@@ -6,44 +6,28 @@ import gzip
 import io
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from solvers import atomic
-from solvers.data.config import SAMPLE_RATE, DatasetError, _hash_text
+from solvers.data.config import SAMPLE_RATE, DatasetError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 
-def split_of(rel: str, valid_fraction: float) -> str:
-    """Deterministic split of a source file from a hash of its relative path (stable as files are added)."""
-    return 'valid' if _split_key(rel) < valid_fraction else 'train'
-
-
-def _split_key(rel: str) -> float:
-    return int(_hash_text(rel, 8), 16) / 2**64
-
-
-def assign_splits(rels: Iterable[str], valid_fraction: float) -> dict[str, str]:
-    """Split source files by hash; with two or more files both splits are made non-empty.
-
-    Args:
-        rels: Relative paths of the kept source files.
-        valid_fraction: Target share of the valid split.
-
-    Returns:
-        ``{rel: "train" | "valid"}``.
-    """
-    rels = sorted(rels, key=_split_key)
-    splits = {rel: split_of(rel, valid_fraction) for rel in rels}
-    if len(rels) >= 2:
-        if 'valid' not in splits.values():
-            splits[rels[0]] = 'valid'  # the file whose hash is closest to the valid range
-        if 'train' not in splits.values():
-            splits[rels[-1]] = 'train'
-    return splits
+def sample_prompts(cfg: DictConfig) -> list[str]:
+    """The prompts of an XP's samples: `generate.prompts`, or when null the first `generate.prompts_from_dataset`
+    distinct captions of its valid split, then of its train split."""
+    if cfg.generate.prompts is not None:
+        return [str(p) for p in cfg.generate.prompts]
+    wanted = int(cfg.generate.get('prompts_from_dataset') or 0)
+    found: list[str] = []
+    for split in ('valid', 'train'):
+        path = cfg.datasource.get(split)
+        if isinstance(path, str) and len(found) < wanted:
+            found += [c for c in manifest_captions(path, wanted) if c not in found]
+    return found[:wanted]
 
 
 def clip_durations(kept: dict[str, dict[str, Any]]) -> list[float]:
@@ -127,17 +111,3 @@ def manifest_captions(split_dir: str | os.PathLike, limit: int) -> list[str]:
         if isinstance(text, str) and text.strip() and text not in captions:
             captions.append(text)
     return captions
-
-
-def sample_prompts(cfg: DictConfig) -> list[str]:
-    """The prompts of an XP's samples: `generate.prompts`, or when null the first `generate.prompts_from_dataset`
-    distinct captions of its valid split, then of its train split."""
-    if cfg.generate.prompts is not None:
-        return [str(p) for p in cfg.generate.prompts]
-    wanted = int(cfg.generate.get('prompts_from_dataset') or 0)
-    found: list[str] = []
-    for split in ('valid', 'train'):
-        path = cfg.datasource.get(split)
-        if isinstance(path, str) and len(found) < wanted:
-            found += [c for c in manifest_captions(path, wanted) if c not in found]
-    return found[:wanted]

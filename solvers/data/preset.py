@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from solvers import atomic
-from solvers.project import data_root
 from solvers.data.config import _hash_text, _is_within
+from solvers.project import data_root
 
 PRESET_MARK = '# Written by prepare_dataset (fingerprint '  # first line of generated presets; unedited: updated
 PACKAGE_LINE = '# @package __global__\n'  # Hydra reads it only on the first line

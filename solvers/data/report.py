@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -9,19 +11,25 @@ from pathlib import Path
 from typing import Any
 
 from solvers import atomic
+from solvers.data.captions import format_source_counts, source_counts
 from solvers.data.config import AUDIO_EXTS, UNSUPPORTED_EXTS, PrepareConfig
 
 REJECTED = 'rejected'
 FLAGGED = 'flagged'
 INFO = 'info'
+CAPTIONS_CSV = 'captions.csv'
 _STATUS_ORDER = {REJECTED: 0, FLAGGED: 1, INFO: 2}  # rejected rows first in the report, then flagged, then info
 
 FIXES: dict[str, str] = {
     'escapes_root': 'Copy the file into the dataset folder instead of linking to (or naming) a path outside it.',
     'broken_symlink': 'Fix the link target or delete the link.',
     'unsupported_format': 'Convert it to WAV or FLAC, e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`.',
-    'missing_caption': 'Add a caption: metadata/<same path>.json (audio/ + metadata/ layout), <file>.json beside '
-    "the audio, or a row in a captions CSV/JSONL, with a 'description', 'text' or 'caption' key.",
+    'missing_caption': 'Add a caption: a description or title tag in the file, metadata/<same path>.json (audio/ + '
+    "metadata/ layout), <file>.json beside the audio, or a row in a captions CSV/JSONL, with a 'description', 'text' "
+    "or 'caption' key; or let more sources caption it (--captions-from metadata,tags,ucs,names).",
+    'wordless_name': 'Add a description or title tag to the file, a caption file (<file>.json beside it with '
+    '{"description": "..."}, or a row in a captions CSV), or rename it with words (Dog_Bark_Small_01.wav).',
+    'duplicate': 'Nothing to do: the same audio is used once. Delete the copy if it was not meant to be there.',
     'empty_caption': 'Write a short description of the sound in the caption field.',
     'bad_caption': 'Make the caption a string (or a list of strings).',
     'malformed_json': 'Fix the JSON syntax at the line/column given (`python -m json.tool FILE` shows it).',
@@ -82,7 +90,8 @@ def sort_issues(issues: list[Issue]) -> None:
 
 def report_totals(
     issues: list[Issue],
-    records: dict[str, dict[str, Any]],
+    kept: dict[str, dict[str, Any]],
+    readable: int,
     converted: int,
     stale_removed: int,
     durations: list[float],
@@ -92,26 +101,28 @@ def report_totals(
 
     Args:
         issues: Every issue of the run.
-        records: State records of the sources that could be read, by relative path.
+        kept: State records of the files in the manifests, by relative path.
+        readable: How many sources could be read.
         converted: How many of them were decoded this run.
         stale_removed: Output files removed because no source produces them any more.
         durations: Seconds of every prepared clip.
         entries: Manifest entries per split.
     """
-    kept = {rel for rel, r in records.items() if r['status'] == 'kept'}
     rejected_all = {i.path for i in issues if i.status == REJECTED}
-    # Audio files only, so that kept + rejected == found; rejected captions rows and folders are counted apart.
+    # Audio files only, so that kept + rejected + duplicates == found; captions rows and folders are counted apart.
     rejected = {p for p in rejected_all if Path(p).suffix.lower() in AUDIO_EXTS | UNSUPPORTED_EXTS}
-    flagged = {i.path for i in issues if i.status == FLAGGED} & kept
+    flagged = {i.path for i in issues if i.status == FLAGGED} & set(kept)
+    duplicates = {i.path for i in issues if i.code == 'duplicate'}
     split_hours = {s: sum(e['duration'] for e in rows) / 3600 for s, rows in entries.items()}
     return {
-        'audio_files': len(kept) + len(rejected),
+        'audio_files': len(kept) + len(rejected) + len(duplicates),
         'kept_files': len(kept),
         'rejected_files': len(rejected),
+        'duplicate_files': len(duplicates),
         'other_rejections': len(rejected_all - rejected),
         'flagged_files': len(flagged),
         'converted': converted,
-        'unchanged': len(records) - converted,
+        'unchanged': readable - converted,
         'stale_removed': stale_removed,
         'clips': len(durations),
         'hours': sum(durations) / 3600,
@@ -134,6 +145,8 @@ def build_report(
     preset: dict[str, Any],
     notes: list[str],
     issues: list[Issue],
+    captions: dict[str, tuple[str | list[str], str]],
+    duplicates: dict[str, str],
 ) -> dict[str, Any]:
     """The report of a run, as written to ``report.json``.
 
@@ -148,6 +161,8 @@ def build_report(
         preset: The preset's path, what was done to it and its settings.
         notes: Notes for the user.
         issues: Every issue, sorted with :func:`sort_issues`.
+        captions: ``{rel: (caption, source)}`` of the kept files.
+        duplicates: ``{duplicate: the file kept instead}``.
     """
     return {
         'name': cfg.name,
@@ -157,6 +172,9 @@ def build_report(
         'params': {k: v for k, v in params.items() if k != 'fingerprint'},
         'totals': totals,
         'histogram': _histogram(durations),
+        'caption_sources': source_counts([source for _, source in captions.values()]),
+        'captions': {rel: {'caption': c, 'source': source} for rel, (c, source) in captions.items()},
+        'duplicates': duplicates,
         'splits': {rel: splits[rel] for rel in sorted(splits)},
         'manifests': manifests,
         'preset': preset,
@@ -166,10 +184,27 @@ def build_report(
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> None:
-    """Write ``report.json`` and ``report.txt`` into ``out_dir`` atomically, then persist the folder."""
-    atomic.write_bytes(out_dir / 'report.json', (json.dumps(report, indent=2, ensure_ascii=False) + '\n').encode())
+    """Write ``report.json``, ``report.txt`` and ``captions.csv`` into ``out_dir`` atomically, then sync the folder."""
+    with atomic.open_atomic(out_dir / 'report.json', 'w', encoding='utf-8') as f:  # streamed: big for a library
+        json.dump(report, f, indent=2, ensure_ascii=False)
+        f.write('\n')
     atomic.write_bytes(out_dir / 'report.txt', format_report_text(report).encode('utf-8'))
+    atomic.write_bytes(out_dir / CAPTIONS_CSV, captions_csv(report['captions']).encode('utf-8'))
     atomic.fsync_dir(out_dir)
+
+
+def captions_csv(captions: dict[str, dict[str, Any]]) -> str:
+    """Every kept file's caption and its source, one row per caption: a captions file ``--captions`` reads back.
+
+    Paths are relative to the dataset folder, so the edited file works as ``--captions data/NAME/captions.csv``.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator='\n')
+    writer.writerow(['path', 'caption', 'source'])
+    for rel, entry in captions.items():
+        texts = entry['caption'] if isinstance(entry['caption'], list) else [entry['caption']]
+        writer.writerows([rel, text, entry['source']] for text in texts)
+    return buf.getvalue()
 
 
 def _histogram(durations: list[float]) -> list[dict[str, Any]]:
@@ -201,6 +236,8 @@ def format_report_text(report: dict[str, Any]) -> str:
         f'Audio files found:  {t["audio_files"]}',
         f'Kept:               {t["kept_files"]} ({t["flagged_files"]} of them flagged)',
         f'Rejected:           {t["rejected_files"]} (+ {t["other_rejections"]} captions rows / folders)',
+        f'Duplicates:         {t["duplicate_files"]} (the same audio as a kept file: kept once)',
+        f'Captions:           {format_source_counts(report["caption_sources"])}',
         f'Decoded this run: {t["converted"]}   unchanged since last run: {t["unchanged"]}   '
         f'stale outputs removed: {t["stale_removed"]}',
         f'Prepared clips:     {t["clips"]} = {t["hours"]:.3f} h '
@@ -224,7 +261,23 @@ def format_report_text(report: dict[str, Any]) -> str:
             lines.append(f'  fix: {fix}')
         lines += [f'  - {i["path"]}: {i["reason"]}' for i in rows]
         lines.append('')
+    lines += _caption_lines(report)
     return '\n'.join(lines).rstrip('\n') + '\n'
+
+
+def _caption_lines(report: dict[str, Any]) -> list[str]:
+    """The captions of the kept files by source, for a review before training, and how to fix one."""
+    if not report['captions']:
+        return []
+    csv_path = Path(report['out_dir']) / CAPTIONS_CSV
+    lines = [
+        'Captions by source (review them before training; to fix one, edit '
+        f'{csv_path} and re-run with --captions {csv_path}, or fix the tag or caption file):'
+    ]
+    for source in report['caption_sources']:
+        lines.append(f'  {source}:')
+        lines += [f'    {rel}: {e["caption"]}' for rel, e in report['captions'].items() if e['source'] == source]
+    return lines
 
 
 def next_commands(name: str) -> list[str]:
@@ -246,20 +299,30 @@ def format_summary(report: dict[str, Any]) -> str:
     """The few lines printed on stdout after a run: totals, where things are, rejections by reason, next steps."""
     t = report['totals']
     preset = report['preset']
+    out = Path(report['out_dir'])
+    dups = f', {t["duplicate_files"]} duplicates of a kept file' if t['duplicate_files'] else ''
     lines = [
         f"Prepared '{report['name']}' from {report['dataset_dir']} ({report['layout']}).",
         f'  {t["audio_files"]} audio files: {t["kept_files"]} kept ({t["flagged_files"]} flagged), '
-        f'{t["rejected_files"]} rejected; converted {t["converted"]}, unchanged {t["unchanged"]}.',
+        f'{t["rejected_files"]} rejected{dups}; converted {t["converted"]}, unchanged {t["unchanged"]}.',
+        f'  captions: {format_source_counts(report["caption_sources"])} (review: {out / CAPTIONS_CSV})',
         f'  {t["clips"]} clips, {t["hours"]:.3f} h: train {t["train_clips"]}, valid {t["valid_clips"]}.',
-        f'  manifests: {report["manifests"]["train"]}, {report["manifests"]["valid"]}',
-        f'  preset:    {preset["path"]} ({preset["action"]}; {preset["segment_duration"]:g} s segments, '
-        f'{preset["num_workers"]} loader workers, samples of {len(preset["prompts"])} of your captions)',
-        f'  report:    {Path(report["out_dir"]) / "report.txt"}',
     ]
+    if report['manifests']:
+        lines += [
+            f'  manifests: {report["manifests"]["train"]}, {report["manifests"]["valid"]}',
+            f'  preset:    {preset["path"]} ({preset["action"]}; {preset["segment_duration"]:g} s segments, '
+            f'{preset["num_workers"]} loader workers, samples of {len(preset["prompts"])} of your captions)',
+        ]
+    lines.append(f'  report:    {out / "report.txt"}')
     for status, code, fix, rows in _issue_groups(report['issues']):
         if status == REJECTED:
             example = rows[0]['path'] + (f' and {len(rows) - 1} more' if len(rows) > 1 else '')
             lines.append(f'  rejected {code} x{len(rows)} ({example}): {fix}')
+    if report['duplicates']:
+        dup, original = next(iter(report['duplicates'].items()))
+        more = f' and {len(report["duplicates"]) - 1} more' if len(report['duplicates']) > 1 else ''
+        lines.append(f'  duplicates: {dup} = {original}{more}; each audio is kept once (report.txt lists them)')
     lines += [f'  note: {n}' for n in report['notes']]
     if t['kept_files']:
         lines += next_commands(report['name'])

@@ -16,7 +16,7 @@ from solvers.data.config import DatasetError
 STATE_FILE = '.prepare_state.jsonl'
 LOCK_FILE = '.prepare.lock'
 WAV_SUBDIR = 'wav'
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: records hold the file's stat, tags, audio hash and split
 
 
 @contextlib.contextmanager
@@ -44,16 +44,17 @@ def load_state(path: Path) -> dict[str, dict[str, Any]]:
     """Read the state journal; the last record of each source wins and a torn last line is ignored."""
     records: dict[str, dict[str, Any]] = {}
     try:
-        lines = path.read_bytes().splitlines()
+        journal = open(path, 'rb')  # line by line: a library's journal is tens of MB, never held whole
     except FileNotFoundError:
         return records
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(rec, dict) and rec.get('v') == STATE_VERSION and 'rel' in rec:
-            records[rec['rel']] = rec
+    with journal:
+        for line in journal:
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(rec, dict) and rec.get('v') == STATE_VERSION and 'rel' in rec:
+                records[rec['rel']] = rec
     return records
 
 
@@ -65,14 +66,19 @@ def append_record(journal: BinaryIO, record: dict[str, Any]) -> None:
 
 def write_state(path: Path, records: dict[str, dict[str, Any]]) -> None:
     """Compact the journal to ``records``, the current sources, in one atomic write."""
-    state_lines = b''.join((json.dumps(records[r]) + '\n').encode('utf-8') for r in sorted(records))
-    atomic.write_bytes(path, state_lines)
+    with atomic.open_atomic(path, 'w', encoding='utf-8') as f:  # streamed: never the whole journal in memory
+        for rel in sorted(records):
+            f.write(json.dumps(records[rel]) + '\n')
 
 
 def remove_stale_outputs(wav_dir: Path, kept: dict[str, dict[str, Any]]) -> int:
-    """Delete the files of ``wav_dir`` that no kept source produces, then persist the folder; returns how many.
+    """Delete the files of ``wav_dir`` that no source with usable audio produces, then persist the folder.
 
-    Outputs of files that were deleted, renamed or re-cut go, so that no manifest can point at them.
+    Outputs of files that were deleted, renamed or re-cut go, so that no manifest can point at them. Those of a
+    duplicate or an uncaptioned file stay (they are in no manifest), so that a re-run does not convert it again.
+
+    Returns:
+        How many files were deleted.
     """
     live = {o['name'] for r in kept.values() for o in r['outputs']}
     live |= {Path(n).stem + '.json' for n in live}
