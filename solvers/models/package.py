@@ -210,7 +210,7 @@ def _base_of_export(package: str, data: dict) -> str:
         if now != data['base_checksum']:
             raise PackageError(
                 f"The adapter export {package} was made over '{data['base']}' with weights checksum "
-                f"{data['base_checksum'][:12]}, but it now holds {now[:12]}: its adapters would sit on other weights. "
+                f'{data["base_checksum"][:12]}, but it now holds {now[:12]}: its adapters would sit on other weights. '
                 'Put that package back, or export the XP again with --merge for a standalone package.'
             )
     return base
