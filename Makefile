@@ -9,6 +9,10 @@ export PYTHONWARNINGS := ignore
 
 .PHONY: demo test test-fast lint install clean-demo gpu-check gpu-check-smoke
 
+# Where the demo's data and outputs go: $AUDIOGEN_HOME (and $AUDIOGEN_OUTPUTS) when set, as for every command.
+DATA = $(if $(AUDIOGEN_HOME),$(AUDIOGEN_HOME),.)
+OUTPUTS = $(if $(AUDIOGEN_OUTPUTS),$(AUDIOGEN_OUTPUTS),$(DATA)/outputs)
+
 $(UV):
 	$(PYTHON) -m pip install --user --quiet uv || $(PYTHON) -m pip install --user --quiet --break-system-packages uv
 
@@ -24,8 +28,8 @@ install: $(VENV)/.synced
 # ~/.cache/audiogen-finetune) is fine-tuned on 3 classes it doesn't know; a fixed classifier scores its prompts before/after.
 demo: $(VENV)/.synced
 	$(PY) -m scripts.make_tiny_package --trained
-	$(PY) -m scripts.make_demo_data data/demo_raw --classes new --per-class 16
-	$(PY) -m scripts.prepare_dataset data/demo_raw --name demo
+	$(PY) -m scripts.make_demo_data $(DATA)/data/demo_raw --classes new --per-class 16
+	$(PY) -m scripts.prepare_dataset $(DATA)/data/demo_raw --name demo
 	$(VENV)/bin/dora run solver=audiogen/demo
 	@$(PY) -m scripts.show_xp solver=audiogen/demo
 	@$(PY) -m scripts.demo_report solver=audiogen/demo
@@ -53,7 +57,10 @@ lint: $(VENV)/.synced
 	$(VENV)/bin/ruff format --check solvers scripts tests benchmarks hatch_build.py
 	$(VENV)/bin/mypy
 
-# Removes what make demo wrote in the clone, its XP included (the build cache stays: rm -rf ~/.cache/audiogen-finetune).
+# Removes what make demo wrote, in the clone or under $AUDIOGEN_HOME: its XP and TensorBoard link, data, manifests,
+# preset and stand-in package (the build cache stays: rm -rf ~/.cache/audiogen-finetune).
 clean-demo:
-	-@test -f config/dataset/demo.yaml && rm -rf "$$($(PY) -m scripts.show_xp --folder solver=audiogen/demo)"
-	rm -rf data/demo_raw data/demo egs/demo config/dataset/demo.yaml outputs/pretrained/tiny
+	-@test -f $(DATA)/config/dataset/demo.yaml && xp="$$($(PY) -m scripts.show_xp --folder solver=audiogen/demo)" && \
+		rm -rf "$$xp" $(OUTPUTS)/tensorboard/demo_"$$(basename "$$xp")"
+	rm -rf $(DATA)/data/demo_raw $(DATA)/data/demo $(DATA)/egs/demo $(DATA)/config/dataset/demo.yaml \
+		$(OUTPUTS)/pretrained/tiny

@@ -86,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace) -> int:
     """Judge the XP's base package and its fine-tune, print the table and write ``demo_report.json``."""
-    from solvers import atomic, train
+    from solvers import atomic, project, train
     from solvers.demo import classifier as demo_classifier
     from solvers.demo.synthetic import CLASS_NAMES, NEW_CLASSES, select_classes
     from solvers.models import export
+
+    steps = ('generate', 'export', 'evaluate')
 
     xp = train.main.get_xp_from_sig(args.sig) if args.sig else train.main.get_xp(args.overrides)
     if not (xp.folder / 'checkpoint.th').exists():
@@ -101,7 +103,7 @@ def report(args: argparse.Namespace) -> int:
     classifier = demo_classifier.load()
     before = judge(base, CLASS_NAMES, seeds, args.duration, classifier)
     after = judge(str(xp.folder), CLASS_NAMES, seeds, args.duration, classifier)
-    per_prompt = f'{args.duration:g} s clips, 3 captions x {len(seeds)} seeds per class'
+    per_prompt = f'{args.duration:g} s clips, 3 captions x {project.counted(len(seeds), "seed")} per class'
     print('\n'.join(table(before, after, xp.sig, per_prompt)))
     right, total = accuracy(after, NEW_CLASSES)
     results = {
@@ -120,9 +122,9 @@ def report(args: argparse.Namespace) -> int:
         f'{time.perf_counter() - begin:.0f} s; details in {xp.folder / "demo_report.json"})'
     )
     print('Next:')
-    prompts = ' '.join(f'"{cls.captions[0]}"' for cls in select_classes('new')[:2])
-    print(f'  python -m scripts.generate {prompts} --model {xp.sig} --duration 2 --batch_size 3')
-    print(f'  python -m scripts.export {xp.sig} outputs/exported/demo')
+    prompts = [cls.captions[0] for cls in select_classes('new')[:2]]
+    for line in project.next_commands(xp.cfg, xp.sig, prompts, '--duration 2 --batch_size 3', steps):
+        print(f'  {line}')
     return 0
 
 

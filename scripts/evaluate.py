@@ -2,8 +2,8 @@
 
 Examples:
   audiogen-evaluate facebook/audiogen-medium 0f95cd25 --dataset mysounds      (the base model vs a fine-tune)
-  audiogen-evaluate exports/rain --prompts-file prompts.txt --batch_size 8
-  audiogen-evaluate outputs/pretrained/tiny 94489a9d --dataset demo --clap-model tiny --duration 2   (offline demo)
+  audiogen-evaluate exported/rain --prompts-file prompts.txt --batch_size 8
+  audiogen-evaluate tiny 94489a9d --dataset demo --clap-model tiny --duration 2   (offline demo: the stand-in vs its XP)
 
 Scores (docs/evaluate.md): CLAP score (higher is better), KAD and FAD to the dataset's valid clips (lower is
 better), the codec's fidelity on those clips, and optionally the PaSST KL. Clips are generated exactly as
@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
             raise AudiogenError(f'--references must be >= 2 (KAD and FAD compare sets), got {args.references}.')
         device = generation.pick_device(args.device)
         sources = [_resolve(spec, args.weights) for spec in args.models]
+        if settings.clap_model is None and len(sources) > 1:
+            print(
+                "Without a CLAP model only the codec is scored, and a fine-tune shares its base's frozen codec: the "
+                'models compared here get the same scores. Pass --clap-model (docs/evaluate.md) to compare them, or '
+                'listen to them side by side in the page.',
+                file=sys.stderr,
+            )
         cfg = evaluation.ReportConfig(
             prompts=prompts,
             settings=settings,

@@ -1,10 +1,10 @@
 """Export a fine-tuned XP as a pretrained package that plain audiocraft loads: AudioGen.get_pretrained(OUT_DIR).
 
 Examples:
-  audiogen-export 0f95cd25 exports/my_sounds                 (best weights of the XP with that signature)
-  audiogen-export outputs/xps/0f95cd25 exports/my_sounds --weights ema --half --force
-  audiogen-export 3a1b2c4d exports/my_lora                   (a LoRA XP: the adapters only, megabytes)
-  audiogen-export 3a1b2c4d exports/my_lora_full --merge      (a LoRA XP folded into a standard package)
+  audiogen-export 0f95cd25 exported/my_sounds                (best weights of the XP with that signature)
+  audiogen-export outputs/xps/0f95cd25 exported/my_sounds --weights ema --half --force
+  audiogen-export 3a1b2c4d exported/my_lora                  (a LoRA XP: the adapters only, megabytes)
+  audiogen-export 3a1b2c4d exported/my_lora_full --merge     (a LoRA XP folded into a standard package)
 
 Exit status: 0 on success, 2 on bad input (OUT_DIR untouched), 1 on other errors.
 """

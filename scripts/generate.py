@@ -3,7 +3,7 @@
 Examples:
   audiogen-generate "dog barking" "sirens of an emergency vehicle" --batch_size 5
   audiogen-generate --prompts-file prompts.txt --model 0f95cd25 --weights ema --duration 3 --out out/
-  audiogen-generate "rain on a tin roof" --model exports/rain --seeds 7       (regenerates 7.wav of an earlier run)
+  audiogen-generate "rain on a tin roof" --model exported/rain --seeds 7       (regenerates 7.wav of an earlier run)
 
 Files: OUT/<prompt-slug>/<timestamp>/<seed>.<format> at the --loudness target, with <seed>.json beside each.
 Exit status: 0 on success, 2 on bad input (nothing written), 1 on other errors.
@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from solvers import project
 from solvers.generation import fastgen
 from solvers.generation import generate as generation
 
@@ -96,7 +97,7 @@ def _generate(args: argparse.Namespace) -> int:
     model = generation.load_model(source, device, decoder=args.decoder, dtype=args.dtype)
     files = generation.run(model, source, cfg, device)
     folders = sorted({str(path.parent) for path in files})
-    print(f'Wrote {len(files)} clip(s) with JSON sidecars to:')
+    print(f'Wrote {project.counted(len(files), "clip")} with JSON sidecars to:')
     for folder in folders:
         print(f'  {folder}')
     return 0

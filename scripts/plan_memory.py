@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = project.compose(overrides)
         current = memory.plan(cfg, args.gpu_gb, overrides)
         print(memory.format_plan(current, 'Memory plan for ' + (shlex.join(overrides) or 'the base config')))
+        presets = [o for o in overrides if o.partition('=')[0].lstrip('+~') in project.GROUPS]
+        print(memory.batch_note(cfg, project.compose(presets)))
         if current.fits:
             return 0
         fitted = memory.make_it_fit(overrides, args.gpu_gb, project.compose)

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         valid_ce = stages.get('valid', {}).get('ce', float('nan'))
         print(f'  {epoch:5d}  {train_ce:8.3f}  {valid_ce:8.3f}')
     print('Next:')
-    for line in project.next_commands(xp.cfg, xp.sig, data.sample_prompts(xp.cfg)):
+    for line in project.next_commands(xp.cfg, xp.sig, data.sample_prompts(xp.cfg)[:1]):
         print(f'  {line}')
     return 0
 

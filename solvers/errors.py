@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import typing as tp
 
+USER_ERROR = 2  # the exit status of every refusal a user can fix: CLIs, `dora run` (config or data), the scripts
+
 
 class AudiogenError(Exception):
     """A problem the user can fix (bad input, a missing file, a config mistake).
@@ -26,7 +28,7 @@ def run_cli(prog: str, body: tp.Callable[[], int], interrupted: str = 'interrupt
         return body()
     except AudiogenError as err:
         print(f'{prog}: error: {err}', file=sys.stderr)
-        return 2
+        return USER_ERROR
     except KeyboardInterrupt:
         print(f'{prog}: {interrupted}', file=sys.stderr)
         return 130

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from solvers.errors import AudiogenError
+from solvers.errors import USER_ERROR, AudiogenError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / 'config'
@@ -51,26 +51,63 @@ def outputs_dir() -> Path:
     return configured if configured.is_absolute() else data_root() / configured
 
 
-def next_commands(cfg: DictConfig, sig: str, prompts: tp.Sequence[str]) -> list[str]:
-    """What a user does with a trained XP, as the commands to type (printed after training and by show_xp): curves,
-    generate (one of its sample prompts), export, evaluate against the package it started from.
+NEXT_STEPS = ('curves', 'generate', 'export', 'evaluate')
+
+
+def next_commands(
+    cfg: DictConfig,
+    sig: str,
+    prompts: tp.Sequence[str],
+    generate_options: str = '--batch_size 5',
+    steps: tp.Sequence[str] = NEXT_STEPS,
+) -> list[str]:
+    """What a user does with a trained XP, as the commands to type: the one builder of every "Next:" list (the
+    solver's, scripts/show_xp.py's, scripts/demo_report.py's). Each works as printed from any directory, with or
+    without ``AUDIOGEN_HOME``: XPs are named by signature, packages by what ``pretrained`` says, outputs go under the
+    working directory (``exported/``, ``out/``, ``evaluations/``, all ignored by git in the clone).
 
     Args:
-        cfg: the XP's config (``xp.cfg``): its dataset names the export folder and is evaluated; the CPU presets have
-            no CLAP model, so their evaluate command runs without CLAP scores.
+        cfg: the XP's config (``xp.cfg``): its dataset names the export folder and is evaluated.
         sig: the XP signature.
-        prompts: its sample prompts (:func:`solvers.data.sample_prompts`): the generate command uses the first.
+        prompts: prompts for the generate command (the XP's sample prompts, :func:`solvers.data.sample_prompts`).
+        generate_options: the generate command's options after ``--model``.
+        steps: which of :data:`NEXT_STEPS` to print, in that order.
     """
     name = Path(str(cfg.datasource.train)).parent.name
-    no_clap = '' if cfg.evaluate.clap.model else ' --clap-model none'
-    quoted = shlex.quote(prompts[0]) if prompts else '"<your prompt>"'
-    return [
-        f'tensorboard --logdir {_shown(outputs_dir() / "tensorboard")}     # curves: one run per XP',
-        f'python -m scripts.generate {quoted} --model {sig} --batch_size 5',
-        f'python -m scripts.export {sig} exported/{name}     # a package AudioGen.get_pretrained loads',
-        f'python -m scripts.evaluate {shlex.quote(str(cfg.pretrained))} {sig} --dataset {name}{no_clap}     '
-        '# base vs fine-tune',
-    ]
+    quoted = ' '.join(shlex.quote(p) for p in prompts) if prompts else '"<your prompt>"'
+    evaluate = f'python -m scripts.evaluate {shlex.quote(str(cfg.pretrained))} {sig} --dataset {name}'
+    clap = cfg.evaluate.clap.model or _default_clap()
+    lines = {
+        'curves': f'tensorboard --logdir {_shown(outputs_dir() / "tensorboard")}     # curves: one run per XP',
+        'generate': f'python -m scripts.generate {quoted} --model {sig} {generate_options}',
+        'export': f'python -m scripts.export {sig} exported/{name}     # a package AudioGen.get_pretrained loads',
+        'evaluate': (
+            f'{evaluate} --clap-model {shlex.quote(str(clap))}     # base vs fine-tune: CLAP, KAD on your valid clips'
+            if clap and _cached(str(clap))
+            else f'# base vs fine-tune needs a CLAP model ({_default_clap()}: docs/evaluate.md fetches it once); '
+            f'without one only the codec is scored, which both share. Then: {evaluate}'
+        ),
+    }
+    return [lines[step] for step in steps]
+
+
+def _default_clap() -> str:
+    """The CLAP model of the base config (``evaluate.clap.model`` in config/config.yaml)."""
+    return str(OmegaConf.load(CONFIG_DIR / 'config.yaml').evaluate.clap.model)
+
+
+def _cached(model: str) -> bool:
+    """A local CLAP folder, or an HF id whose config is in the local HF cache (no network)."""
+    if Path(model).expanduser().is_dir():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model, 'config.json'), str)
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 seed``, ``3 seeds``: a count with its noun in the right number (plural by adding an s)."""
+    return f'{n} {noun}' if n == 1 else f'{n} {noun}s'
 
 
 def _shown(path: Path) -> str:
@@ -138,12 +175,16 @@ def quiet_dependencies() -> None:
 
 
 def install_error_hook() -> None:
-    """Print an :class:`AudiogenError` that reaches the top of a process as one line instead of a traceback."""
+    """Print an :class:`AudiogenError` that reaches the top of a process as one line instead of a traceback, and
+    exit with :data:`solvers.errors.USER_ERROR` (`dora run` composes the config before our code can catch a typo)."""
     previous = sys.excepthook
 
     def hook(kind: type[BaseException], value: BaseException, tb: tp.Any) -> None:
         if isinstance(value, AudiogenError):
             print(f'error: {value}', file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(USER_ERROR)  # an excepthook can't set the exit status otherwise (Python exits 1)
         else:
             previous(kind, value, tb)
 

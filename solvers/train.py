@@ -11,28 +11,36 @@ import logging
 import multiprocessing
 import os
 import random
+import sys
 import typing as tp
 
+import dora
 import flashy
 import omegaconf
 from dora import XP
 from dora.hydra import HydraMain
 
 from solvers import project
-from solvers.errors import AudiogenError
+from solvers.errors import USER_ERROR, AudiogenError
 from solvers.project import outputs_dir, resolve_path
+from solvers.training import logs, runs
 from solvers.training.slurm import slurm_parameters
 
 project.install_error_hook()
 logger = logging.getLogger(__name__)
 
 
-def get_solver(cfg: omegaconf.DictConfig):
-    """Build the solver: check the device and data, split the batch across ranks, make data paths absolute."""
+def check_settings(cfg: omegaconf.DictConfig) -> None:
+    """The mistakes a config can hold before anything is built: no GPU for device=cuda, no package, no dataset or an
+    empty one. `dora run` calls it before Dora makes the XP folder (`_Main.__call__`), so a refused run leaves none.
+
+    Raises:
+        AudiogenError: one line naming the key or file and the fix.
+    """
     import torch
 
     from solvers.data import read_manifest
-    from solvers.training.solver import AudioGenFinetuneSolver
+    from solvers.models import package
 
     if str(cfg.device).startswith('cuda') and not torch.cuda.is_available():
         raise AudiogenError(
@@ -40,10 +48,6 @@ def get_solver(cfg: omegaconf.DictConfig):
             'docs/cluster.md); on a CPU, train the tiny stand-in on your data with `dora run solver=audiogen/tiny '
             'dataset=NAME`.'
         )
-    world = flashy.distrib.world_size()
-    if cfg.dataset.batch_size % world:
-        raise AudiogenError(f'dataset.batch_size={cfg.dataset.batch_size} must be divisible by the {world} processes.')
-    cfg.dataset.batch_size //= world
     if not cfg.pretrained:
         raise AudiogenError(
             'No pretrained package: pass pretrained=<HF id such as facebook/audiogen-medium, or a '
@@ -55,12 +59,29 @@ def get_solver(cfg: omegaconf.DictConfig):
             '`python -m scripts.prepare_dataset DIR --name NAME`, then add dataset=NAME to the command '
             '(dataset=demo after `make demo`).'
         )
+    package.resolve(cfg.pretrained, base_dir=resolve_path('.'))  # a local package's files; an HF id is fetched later
+    for split in ('train', 'valid'):
+        path = resolve_path(cfg.datasource[split])
+        if not read_manifest(path):  # a missing manifest is a one-line error too, before any loading
+            raise AudiogenError(
+                f'The {split} manifest {path} lists no clip: preparing the dataset found no usable file (its report '
+                'says why). Add usable audio and run python -m scripts.prepare_dataset again.'
+            )
+
+
+def get_solver(cfg: omegaconf.DictConfig):
+    """Build the solver: check the settings, split the batch across ranks, make data paths absolute."""
+    from solvers.training.solver import AudioGenFinetuneSolver
+
+    check_settings(cfg)
+    world = flashy.distrib.world_size()
+    if cfg.dataset.batch_size % world:
+        raise AudiogenError(f'dataset.batch_size={cfg.dataset.batch_size} must be divisible by the {world} processes.')
+    cfg.dataset.batch_size //= world
     # Hydra runs us inside the XP folder, so relative manifest paths must not depend on the cwd.
     for split, path in cfg.datasource.items():
         if isinstance(path, str):
             cfg.datasource[split] = str(resolve_path(path))
-            if split in ('train', 'valid'):
-                read_manifest(cfg.datasource[split])  # a missing manifest is a one-line error, before any loading
     return AudioGenFinetuneSolver(cfg)
 
 
@@ -108,6 +129,23 @@ class _Main(HydraMain):
     def _get_config_noinit(self, overrides: list[str] = []) -> omegaconf.DictConfig:  # noqa: B006 (dora's)
         return project.compose_or_explain(lambda: super(_Main, self)._get_config_noinit(overrides), overrides)
 
+    def __call__(self) -> tp.Any:
+        """Dora's run of one XP, with the config checked before Dora makes its folder (see `check_settings`)."""
+        from dora.xp import _context
+
+        argv = self._get_argv()
+        if not self._is_active(argv):
+            return self._main()
+        try:
+            xp = self.get_xp(argv)
+            check_settings(tp.cast(omegaconf.DictConfig, xp.cfg))
+        except AudiogenError as err:
+            print(f'error: {err}', file=sys.stderr)
+            raise SystemExit(USER_ERROR) from None
+        self.init_xp(xp)
+        with _context.enter_xp(xp):
+            return self._main()
+
     def get_xp(self, argv: tp.Sequence[str]) -> XP:
         """Dora's XP for ``argv``; a required value left at ``???`` is named with the fix."""
         from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
@@ -126,6 +164,8 @@ def _train(cfg: omegaconf.DictConfig) -> tp.Any:
     init_seed_and_system(cfg)
     log_name = f'{cfg.execute_only}.log.{{rank}}' if cfg.execute_only else 'solver.log.{rank}'
     flashy.setup_logging(level=logging.getLevelName(str(cfg.logging.level).upper()), log_name=log_name)
+    logs.plain_logs()  # no colour codes in files and pipes, none of audiocraft's empty lines
+    fresh = runs.is_fresh(dora.get_xp().folder)
     try:
         flashy.distrib.init(backend='nccl' if str(cfg.device).startswith('cuda') else 'gloo')  # gloo: CPU processes
         solver = get_solver(cfg)
@@ -139,7 +179,9 @@ def _train(cfg: omegaconf.DictConfig) -> tp.Any:
         return solver.run()
     except AudiogenError as err:
         logger.error('%s', err)  # one line, in the XP's solver.log too
-        raise SystemExit(2) from None
+        if fresh and flashy.distrib.is_rank_zero():  # stopped before its first update: leave no clutter behind
+            runs.forget(dora.get_xp().folder, project.outputs_dir())
+        raise SystemExit(USER_ERROR) from None
 
 
 _train.__name__ = 'main'  # Dora pickles the main for SLURM as <module>.<function name> (dora.main._load_main)

@@ -28,6 +28,7 @@ LONGEST_FIRST = (
     'slurm',
     'tests/test_demo.py::test_make_demo_learns_the_new_classes',
     'tests/test_first_hour.py::test_prepare_train_resume_export_generate_on_a_cpu',
+    'tests/test_docs_walk.py::test_walk_the_docs_on_a_cpu',
 )
 
 

@@ -101,7 +101,7 @@ def makefile_demo_commands() -> list[list[str]]:
     lines = (ROOT / 'Makefile').read_text().split('\ndemo:', 1)[1].split('\n\n', 1)[0].splitlines()[1:]
     commands = []
     for line in lines:
-        line = line.strip().lstrip('@').replace('$(PY)', sys.executable)
+        line = line.strip().lstrip('@').replace('$(PY)', sys.executable).replace('$(DATA)/', '')
         line = line.replace('$(VENV)/bin/dora', f'{sys.executable} -m dora')
         commands.append(shlex.split(line))
     return commands

@@ -158,19 +158,20 @@ def test_prepare_train_resume_export_generate_on_a_cpu(tmp_path, user_env):
     assert len(history(folder)) == 4
     assert sorted((folder / 'tensorboard').glob('events.out.tfevents.*')) == events  # no empty event file added
     following = printed_commands(proc.stderr + proc.stdout, 'Next:')
-    assert [shlex.split(c)[:3] for c in following] == [
+    assert [shlex.split(c)[:3] for c in following[:3]] == [
         ['tensorboard', '--logdir', str(home / 'outputs' / 'tensorboard')],
         ['python', '-m', 'scripts.generate'],
         ['python', '-m', 'scripts.export'],
-        ['python', '-m', 'scripts.evaluate'],
     ]
+    # Offline, no CLAP model is cached: the base-vs-fine-tune line says what it can't compare instead.
+    assert following[3].startswith('# base vs fine-tune needs a CLAP model') and 'scripts.evaluate tiny' in following[3]
 
     # Generate, export and evaluate exactly as printed, from another folder (the editable install finds the clone):
     # their outputs land beside the user.
     work = tmp_path / 'work'
     work.mkdir()
     elsewhere = {k: v for k, v in user_env.items() if k != 'PYTHONPATH'}
-    for command in following[1:]:
+    for command in following[1:3]:
         proc = run(command, elsewhere, cwd=work)
         assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
     clips = sorted((work / 'out').rglob('*.wav'))
@@ -178,8 +179,6 @@ def test_prepare_train_resume_export_generate_on_a_cpu(tmp_path, user_env):
     wav, sr = sf.read(clips[0], dtype='float32')
     assert sr == SR and abs(float(np.mean(wav))) < 1e-3  # no DC offset left after loudness normalisation
     assert (work / 'exported' / 'mysounds' / 'state_dict.bin').exists()
-    reports = list((work / 'evaluations').rglob('*.json'))
-    assert reports, sorted(p.name for p in (work / 'evaluations').rglob('*'))
 
     # Batch-generate from the export (README "Generate and export").
     proc = run(
@@ -202,7 +201,7 @@ def test_prepare_train_resume_export_generate_on_a_cpu(tmp_path, user_env):
 )
 def test_config_mistakes_in_dora_run_are_one_line(user_env, override, expected):
     proc = run(f'dora run solver=audiogen/tiny {override}', user_env, check=False, timeout=300)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # every config mistake: one exit status (tests/test_run_errors.py: no XP folder)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr[-3000:]
 

@@ -22,8 +22,12 @@ TINY_CODEC['seanet'].update(dimension=32, n_filters=4)
 
 
 def tiny_lm_config(overrides: tuple[str, ...] = ()) -> DictConfig:
-    """The LM config of the tiny package: the `model=tiny` preset composed with the demo solver."""
-    cfg = project.compose(['solver=audiogen/demo', *overrides])
+    """The LM config of the tiny package: the `model=tiny` preset composed with the demo solver.
+
+    The dataset is the committed template, whatever the user prepared: a package is a function of its seed alone
+    (XPs pin its checksum, solvers/models/identity.py).
+    """
+    cfg = project.compose(['solver=audiogen/demo', 'dataset=template', *overrides])
     cfg.device = 'cpu'
     cfg.dtype = 'float32'
     return cfg

@@ -395,10 +395,10 @@ def _evaluate_here(solver: tp.Any, settings: EvalSettings) -> dict[str, float]:
         logger.info('evaluate/%s not computed: %s', key, reason)
     out = {**scores.metrics, **state.codec}
     logger.info(
-        'Evaluated %d clips (%d captions x %d seeds) in %.1f s.',
-        len(keys),
-        len(state.prompts),
-        len(settings.seeds),
+        'Evaluated %s (%s x %s) in %.1f s.',
+        project.counted(len(keys), 'clip'),
+        project.counted(len(state.prompts), 'caption'),
+        project.counted(len(settings.seeds), 'seed'),
         time.time() - begin,
     )
     return out

@@ -18,6 +18,7 @@ import torch
 
 from solvers import atomic
 from solvers.evaluation.metrics import HIGHER_IS_BETTER
+from solvers.project import counted
 
 # The table's columns, in order, with their headers; a column shows only when some model has the score.
 COLUMNS = {
@@ -135,7 +136,7 @@ def markdown(report: dict) -> str:
     lines = [
         '# Evaluation report',
         '',
-        f'{report["created"]} · {len(report["prompts"])} prompts × {len(report["seeds"])} seeds '
+        f'{report["created"]} · {counted(len(report["prompts"]), "prompt")} × {counted(len(report["seeds"]), "seed")} '
         f'({", ".join(map(str, report["seeds"]))}) · {report["params"]["duration"]:g} s · '
         f'CLAP {report["clap_model"] or "none"} · real set: {report["dataset"] or "none"}',
         '',
@@ -259,7 +260,8 @@ def page(report: dict) -> str:
             cells.append('<td>' + ''.join(_figure(c, f'seed {c["seed"]}') for c in clips) + '</td>')
         grid.append(f'<tr>{"".join(cells)}</tr>')
     meta = (
-        f'{esc(report["created"])} · {len(report["prompts"])} prompts × {len(report["seeds"])} seeds · '
+        f'{esc(report["created"])} · {counted(len(report["prompts"]), "prompt")} × '
+        f'{counted(len(report["seeds"]), "seed")} · '
         f'{report["params"]["duration"]:g} s · CLAP {esc(str(report["clap_model"] or "none"))} · real set: '
         f'{esc(str(report["dataset"] or "none"))}'
     )

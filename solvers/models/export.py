@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from solvers import atomic, project
 from solvers.atomic import save_torch
 from solvers.errors import AudiogenError
-from solvers.models import adapters, package
+from solvers.models import adapters, identity, package
 from solvers.models.checkpoint_io import safe_load
 from solvers.models.references import find_xp, xps_dir
 
@@ -166,6 +166,7 @@ def load_xp(spec: str | os.PathLike, weights: str = 'best') -> XPPackage:
         raise package.PackageError(
             f"XP {folder.name} was fine-tuned from the package '{pretrained}', which holds its codec: {err}"
         ) from err
+    identity.verify(folder, pkg)  # the package must still hold the weights the XP was fine-tuned from
     adapter, lm_state = _lora_parts(state, xp_cfg, lm_state, pkg, path)
     return XPPackage(
         folder=folder,
@@ -287,6 +288,7 @@ def export_xp(
         'weights': xp.weights,
         'epoch': xp.epoch,
         'pretrained': xp.package,
+        'base_checksum': identity.package_identity(xp.package)['checksum'],
         'half': half,
         'max_duration': xp.lm_cfg.dataset.segment_duration,
         'kind': 'adapter' if adapter_only else 'package',
@@ -316,6 +318,7 @@ def _write_adapter(folder: Path, xp: XPPackage, half: bool) -> None:
         {
             'xp.cfg': OmegaConf.to_yaml(xp.lm_cfg),
             'base': xp.package,
+            'base_checksum': identity.package_identity(xp.package)['checksum'],  # checked at every load
             'adapter_state': _maybe_half(xp.adapter['adapter_state'], half),
             'adapter_layout': xp.adapter['adapter_layout'],
             'version': versions()['audiocraft'],

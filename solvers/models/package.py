@@ -200,9 +200,20 @@ def base_of(package: str) -> str:
 
 def _base_of_export(package: str, data: dict) -> str:
     try:
-        return resolve(str(data['base']))
+        base = resolve(str(data['base']))
     except PackageError as err:
         raise PackageError(f"The adapter export {package} sits on the base package '{data['base']}': {err}") from err
+    if data.get('base_checksum'):  # exports made before identities were recorded have none
+        from solvers.models import identity
+
+        now = identity.package_identity(base)['checksum']
+        if now != data['base_checksum']:
+            raise PackageError(
+                f"The adapter export {package} was made over '{data['base']}' with weights checksum "
+                f'{data["base_checksum"][:12]}, but it now holds {now[:12]}: its adapters would sit on other weights. '
+                'Put that package back, or export the XP again with --merge for a standalone package.'
+            )
+    return base
 
 
 def load_lm(package: str) -> tuple[DictConfig, dict]:

@@ -288,6 +288,30 @@ def make_it_fit(
         extra = [e for e in extra if not e.startswith(('dataset.batch_size=', 'optim.grad_accum_steps='))] + sizes
 
 
+def effective_batch(cfg: DictConfig) -> int:
+    """Clips per optimizer update: ``dataset.batch_size`` (split across the GPUs of a run, solvers/train.py) times
+    ``optim.grad_accum_steps``, the same at any number of GPUs."""
+    return int(cfg.dataset.batch_size) * int(cfg.optim.grad_accum_steps)
+
+
+def batch_note(cfg: DictConfig, preset: DictConfig) -> str:
+    """One line on the effective batch of ``cfg``, against the one its presets (``preset``: no key overrides) set.
+
+    Recipes keep the effective batch: a smaller micro-batch takes more accumulation. A command that changes it says
+    so, and how to keep it.
+    """
+    ours, theirs = effective_batch(cfg), effective_batch(preset)
+    text = (
+        f'Effective batch: {cfg.dataset.batch_size} clips x {cfg.optim.grad_accum_steps} micro-batches = {ours} '
+        'per update'
+    )
+    if ours == theirs:
+        return f"{text}, the preset's."
+    keep = theirs / int(cfg.dataset.batch_size)
+    hint = f'optim.grad_accum_steps={int(keep)} keeps it; or ' if keep == int(keep) else ''
+    return f"{text}; the preset's is {theirs}: this changes the optimisation ({hint}scale optim.lr with it)."
+
+
 def format_plan(plan: Plan, title: str = 'Memory plan') -> str:
     """The plan as a table a user reads in a terminal or a log."""
     lines = [f'{title} (one process, GB = 1e9 bytes):']

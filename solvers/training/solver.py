@@ -35,7 +35,7 @@ from audiocraft.utils.utils import get_dataset_from_loader, with_rank_rng
 
 from solvers import project
 from solvers.evaluation import evaluate as evaluation
-from solvers.models import adapters, checkpoint_io, lm, package
+from solvers.models import adapters, checkpoint_io, identity, lm, package
 from solvers.training import checkpoints as ckpt
 from solvers.training import curves as tb_curves
 from solvers.training import loaders, memory, optim, resume, samples, settings, signals, token_cache
@@ -68,6 +68,9 @@ class AudioGenFinetuneSolver(AudioGenSolver):
     def build_model(self) -> None:
         """Load the codec and LM architecture from the package, then build the LM, optimizer, schedule and scaler."""
         self.package = package.resolve(self.cfg.pretrained, base_dir=project.resolve_path('.'))
+        # A new XP pins its package's checksum; a resume refuses a package whose weights changed since.
+        resuming = bool(resume.CheckpointFiles(self.folder).candidates())
+        identity.pin(self.folder, self.package, resuming, flashy.distrib.is_rank_zero())
         # A package's LM file is read once: its config now, its weights (memory-mapped) by their first user. An
         # adapter export's weights are a merge that a resume never needs: `_take_package_state` makes it.
         if package.adapter_export(self.package) is None:
@@ -166,7 +169,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
 
     def next_commands(self) -> list[str]:
         """The commands that use this XP (curves, generate, export, evaluate): see :func:`project.next_commands`."""
-        return project.next_commands(self.cfg, self.xp.sig, self.sample_prompts())
+        return project.next_commands(self.cfg, self.xp.sig, self.sample_prompts()[:1])
 
     def commit(self, save_checkpoints: bool = True) -> None:
         """audiocraft's commit (history + checkpoints), then honour a pending stop signal."""
