@@ -389,10 +389,8 @@ def make_inputs(tmp: Path, args: argparse.Namespace) -> tuple[Path, list[str]]:
     return pkg, overrides
 
 
-def build_arms(pkg: Path, overrides: list[str], outputs: Path) -> tuple[tp.Any, tp.Any, tp.Any]:
-    """Both solvers inside one Dora XP, from the same composed config; stock's weights copied from ours."""
-    from audiocraft.solvers.audiogen import AudioGenSolver
-
+def solver_in_xp(overrides: list[str], outputs: Path) -> tuple[tp.Any, tp.Any]:
+    """Our solver built inside its Dora XP (entered, as `dora run` enters it), and the XP's context."""
     from solvers import train
 
     os.environ['AUDIOGEN_OUTPUTS'] = str(outputs)
@@ -401,7 +399,14 @@ def build_arms(pkg: Path, overrides: list[str], outputs: Path) -> tuple[tp.Any, 
     context = xp.enter()
     context.__enter__()
     train.init_seed_and_system(xp.cfg)
-    ours = train.get_solver(xp.cfg)
+    return train.get_solver(xp.cfg), context
+
+
+def build_arms(pkg: Path, overrides: list[str], outputs: Path) -> tuple[tp.Any, tp.Any, tp.Any]:
+    """Both solvers inside one Dora XP, from the same composed config; stock's weights copied from ours."""
+    from audiocraft.solvers.audiogen import AudioGenSolver
+
+    ours, context = solver_in_xp(overrides, outputs)
     stock_cfg = copy.deepcopy(ours.cfg)  # after ours resolved data paths, sample counts and precision
     stock_cfg.compression_model_checkpoint = f'//pretrained/{pkg}'
     stock = AudioGenSolver(stock_cfg)
@@ -609,17 +614,10 @@ def timed_update(solver: tp.Any, batches: tp.Iterator[list], clock: Clock, idx: 
 
 def build_budget_arms(overrides: list[str], outputs: Path) -> tuple[dict[str, tp.Any], tp.Any, float]:
     """The uncached and cached solvers of one XP (equal weights), the XP context, and the cache's build seconds."""
-    from solvers import train
     from solvers.training import token_cache
     from solvers.training.solver import AudioGenFinetuneSolver
 
-    os.environ['AUDIOGEN_OUTPUTS'] = str(outputs)
-    train.main.dora.dir = outputs
-    xp = train.main.get_xp(overrides)
-    context = xp.enter()
-    context.__enter__()
-    train.init_seed_and_system(xp.cfg)
-    plain = train.get_solver(xp.cfg)
+    plain, context = solver_in_xp(overrides, outputs)
     cached_cfg = copy.deepcopy(plain.cfg)
     cached_cfg.token_cache = True
     begin = time.perf_counter()

@@ -45,6 +45,10 @@ RULES: list[tuple[str, str | None]] = [
         'the default model is facebook/audiogen-medium (the hub)',
     ),
     (r'^python -m scripts\.show_xp solver=audiogen/train', 'the GPU XP (solver=audiogen/train) never runs here'),
+    (
+        r'^python -m scripts\.cache_tokens dataset=',
+        "the default solver's package is facebook/audiogen-medium (the hub); tests/test_token_cache.py runs the CLI",
+    ),
     (r'^dora run solver=audiogen/tiny dataset=(mysounds|NAME|<name>)$', RUN),
     (r'^(python -m scripts\.|audiogen-)', RUN),
 ]

@@ -266,3 +266,11 @@ def pretrained_source(continue_from: str | None, base: str) -> str:
         return str(source)
     logger.info('New XP: initialising the LM from %s', source)
     return f'//pretrained/{references.continue_source(source, base)}'
+
+
+def complete_message(sig: str, epochs: int, folder: Path) -> str:
+    """What a re-run of a finished XP says: nothing to do, and how to train on from its best weights."""
+    return (
+        f'XP {sig} is complete: it trained all {epochs} epochs before ({folder}). Nothing to do. To train on from '
+        f'its best weights, start a new XP with continue_from=//sig/{sig} (and e.g. optim.epochs=N).'
+    )

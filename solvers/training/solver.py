@@ -1,22 +1,15 @@
-"""The AudioGen fine-tuning solver: audiocraft's AudioGenSolver, one hook per stage, each delegating.
+"""The AudioGen fine-tuning solver: audiocraft's AudioGenSolver, one hook per stage, each delegating to a module of
+its role (docs/architecture.md lists them hook by hook):
 
-What each hook changes, and where the work is done:
-
-- ``__init__``: the config checks (:mod:`solvers.training.settings`) before anything is built.
-- ``build_model``: the codec and LM architecture come from a pretrained package (:mod:`solvers.models.package`),
-  checked against the config; LoRA (:func:`solvers.models.adapters.attach_lora`) or frozen parts; the optimizer,
-  schedule and grad scaler (:mod:`solvers.training.optim`).
-- ``build_dataloaders`` + ``run_step``: gradient accumulation (N micro-batches per optimizer step, loss scaled by 1/N,
-  :mod:`solvers.training.loaders`; with ``token_cache=true`` the loaders read codec tokens from
-  :mod:`solvers.training.token_cache` and ``_prepare_tokens_and_attributes`` skips the codec), clipping and a
-  non-finite guard that runs before the optimizer step (:func:`solvers.training.optim.apply_update`), per-update
-  TensorBoard scalars.
-- ``run`` + ``train``: preemption and Ctrl-C become a checkpoint at the next update
-  (:class:`solvers.training.signals.StopSignals`); an epoch resumes mid-way from a step checkpoint.
-- ``evaluate`` and ``generate``: the evaluate stage (:mod:`solvers.evaluation.evaluate`) and the epoch samples
-  (:mod:`solvers.training.samples`), both through the one generation path of :mod:`solvers.generation.generate`.
-- ``load_checkpoints`` / ``save_checkpoints`` / ``load_from_pretrained``: the resume policy, the epoch's files and a
-  new XP's start (:mod:`solvers.training.resume`), in types that ``torch.load(weights_only=True)`` reads.
+- ``__init__``: config checks (:mod:`solvers.training.settings`); ``build_model``: the package
+  (:mod:`solvers.models.package`), LoRA or frozen parts (:mod:`solvers.models.adapters`), the optimizer side
+  (:mod:`solvers.training.optim`); ``build_dataloaders``: micro-batches and the token cache
+  (:mod:`solvers.training.loaders`, :mod:`solvers.training.token_cache`).
+- ``run`` + ``train`` + ``run_step``: gradient accumulation, clipping and the non-finite guard; stop signals become a
+  checkpoint at the next update (:mod:`solvers.training.signals`); an epoch resumes mid-way from a step checkpoint.
+- ``evaluate`` and ``generate``: through the one generation path (:mod:`solvers.evaluation.evaluate`,
+  :mod:`solvers.training.samples`); ``load_checkpoints`` / ``save_checkpoints`` / ``load_from_pretrained``: the
+  resume policy and the epoch's files (:mod:`solvers.training.resume`).
 """
 
 from __future__ import annotations
@@ -157,14 +150,7 @@ class AudioGenFinetuneSolver(AudioGenSolver):
         if self.epoch <= self.cfg.optim.epochs:
             return
         if self._epochs_run == 0:
-            self.logger.info(
-                'XP %s is complete: it trained all %d epochs before (%s). Nothing to do. To train on from its best '
-                'weights, start a new XP with continue_from=//sig/%s (and e.g. optim.epochs=N).',
-                self.xp.sig,
-                self.cfg.optim.epochs,
-                self.folder,
-                self.xp.sig,
-            )
+            self.logger.info(resume.complete_message(self.xp.sig, self.cfg.optim.epochs, self.folder))
         self.logger.info('Next:\n%s', '\n'.join(f'  {line}' for line in self.next_commands()))
 
     def next_commands(self) -> list[str]:
@@ -355,14 +341,8 @@ class AudioGenFinetuneSolver(AudioGenSolver):
 
     def _prepare_tokens_and_attributes(self, batch: tp.Any, check_synchronization_points: bool = False) -> tuple:
         """audiocraft's, for audio batches; for the token cache's batches (integer codes) the codec is skipped."""
-        if batch[0].dtype.is_floating_point:
+        with token_cache.codes_in_place_of_codec(self, batch):
             return super()._prepare_tokens_and_attributes(batch, check_synchronization_points)
-        codec = self.compression_model
-        self.compression_model = tp.cast(tp.Any, token_cache.CachedCodes(codec))
-        try:
-            return super()._prepare_tokens_and_attributes(batch, check_synchronization_points)
-        finally:
-            self.compression_model = codec
 
     def _log_update(self, idx: int, metrics: dict) -> None:
         """Per-update TensorBoard points, so curves show more than one value per epoch."""

@@ -22,6 +22,7 @@ padding of a segment that starts late in a clip) hold the codec's tokens of sile
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -373,6 +374,21 @@ class CachedCodes:
     def encode(self, codes: torch.Tensor) -> tuple[torch.Tensor, None]:
         """The codes, as int64."""
         return codes.long(), None
+
+
+@contextlib.contextmanager
+def codes_in_place_of_codec(solver: tp.Any, batch: tp.Any) -> tp.Iterator[None]:
+    """While the block runs, ``solver.compression_model`` is :class:`CachedCodes` when ``batch`` holds the token
+    cache's integer codes (audio batches leave the codec in place)."""
+    if batch[0].dtype.is_floating_point:
+        yield
+        return
+    codec = solver.compression_model
+    solver.compression_model = CachedCodes(codec)
+    try:
+        yield
+    finally:
+        solver.compression_model = codec
 
 
 def build_from_overrides(overrides: tp.Sequence[str], progress: bool = True, **kwargs: tp.Any) -> BuildReport:
