@@ -23,7 +23,7 @@ DOCS = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 RUN = None
 # (pattern, None to run it | why it is skipped): the first pattern that matches a command decides.
 RULES: list[tuple[str, str | None]] = [
-    (r'…|\.\.\.|scripts\.NAME|<overrides>| FOLDER ', 'a pattern with a placeholder, not a command'),
+    (r'…|\.\.\.|scripts\.NAME|<overrides>|<seed>|<caption>| FOLDER ', 'a pattern with a placeholder, not a command'),
     (r'~/sfx', "needs the user's sound library and its reviewed captions file (docs/datasets.md)"),
     (r'^make (test|lint|install)\b', 'the suite, the linters and the install are what runs this test'),
     (r'^make (gpu-check|gpu-check-smoke)\b|benchmarks/gpu_check', 'needs a GPU (benchmarks/gpu_check.py)'),
