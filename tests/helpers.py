@@ -6,6 +6,7 @@ Fixtures live in conftest.py; what a test calls directly lives here (tests impor
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -139,3 +140,16 @@ def make_fake_xp(outputs: Path, pkg: Path | str, sig: str = FAKE_SIG, ema: bool 
     folder.mkdir(parents=True)
     torch.save(state, folder / 'checkpoint.th')
     return folder
+
+
+def command_argv(command: str) -> list[str]:
+    """A printed command line as this interpreter runs it: `python`, `dora` and the `audiogen-*` console commands are
+    the venv's; anything else (`make`) runs as written."""
+    words = shlex.split(command, comments=True)
+    if words[0] == 'python':
+        return [sys.executable, *words[1:]]
+    if words[0] == 'dora':
+        return [sys.executable, '-m', 'dora', *words[1:]]
+    if words[0].startswith('audiogen-'):
+        return [str(Path(sys.executable).parent / words[0]), *words[1:]]
+    return words

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT, command_argv
 
 DOCS = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 RUN = None
@@ -87,17 +86,6 @@ def substitute(command: str, sig: str, sounds: Path) -> str:
     return command.replace('exported/rain', 'exported/mysounds')
 
 
-def argv(command: str) -> list[str]:
-    words = shlex.split(command, comments=True)
-    if words[0] == 'python':
-        return [sys.executable, *words[1:]]
-    if words[0] == 'dora':
-        return [sys.executable, '-m', 'dora', *words[1:]]
-    if words[0].startswith('audiogen-'):
-        return [str(Path(sys.executable).parent / words[0]), *words[1:]]
-    return words  # make
-
-
 def test_every_example_has_a_decision():
     decided = [(where, command, *decide(command.split('  #')[0].strip())) for where, command in examples()]
     assert len(decided) > 40 and any(run for _, _, run, _ in decided)
@@ -140,7 +128,7 @@ def step(command: str, where: str, env: dict, work: Path, sig: str, sounds: Path
     """Run one example as printed (placeholders filled in); plan_memory's 3 means "doesn't fit" (docs/memory.md)."""
     line = substitute(command, sig, sounds)
     cwd = ROOT if line.startswith(('dora', 'make')) else work
-    proc = subprocess.run(argv(line), cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(command_argv(line), cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
     allowed = (0, 3) if 'plan_memory' in line else (0,)
     assert proc.returncode in allowed, f'{where}: `{line}` exited {proc.returncode}:\n{proc.stderr[-3000:]}'
     assert 'Traceback' not in proc.stderr, f'{where}: `{line}`:\n{proc.stderr[-3000:]}'

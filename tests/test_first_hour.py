@@ -12,7 +12,6 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import ROOT
+from helpers import ROOT, command_argv
 
 SR = 16000
 CAPTIONS = {  # short sound effects, as sound designers make them: blips, clicks, hits, short tones
@@ -50,20 +49,10 @@ def make_sounds(root: Path, per_class: int = 5) -> None:
     (root / 'metadata' / 'broken.json').write_text(json.dumps({'text': 'broken'}))
 
 
-def argv(command: str) -> list[str]:
-    """A printed command line as this interpreter runs it (`python -m x` and `dora` are the venv's)."""
-    words = shlex.split(command, comments=True)
-    if words[0] == 'python':
-        return [sys.executable, *words[1:]]
-    if words[0] == 'dora':
-        return [sys.executable, '-m', 'dora', *words[1:]]
-    raise AssertionError(f'unexpected command {command!r}')
-
-
 def run(
     command: str, env: dict, check: bool = True, timeout: float = 1800, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(command_argv(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f'{command} failed ({proc.returncode}):\n{proc.stderr[-6000:]}')
     return proc
@@ -110,7 +99,7 @@ def test_prepare_train_resume_export_generate_on_a_cpu(tmp_path, user_env):
 
     # Train with the printed command; a crash (SIGKILL) after the first epoch's checkpoint.
     job = subprocess.Popen(
-        argv(train),
+        command_argv(train),
         cwd=ROOT,
         env=user_env,
         stdout=subprocess.DEVNULL,

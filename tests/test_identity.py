@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_dora, subprocess_env
+from helpers import ROOT, run_dora, subprocess_env
 
 from scripts import make_tiny_package
 from solvers.demo.tiny import build_tiny_package
